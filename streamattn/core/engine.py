@@ -1,0 +1,304 @@
+"""The sinks + sliding-window engine: fixed buffers, O(sinks + T) position work per call.
+
+Positions. RoPE is relative: ``<R(a) q, R(c) k> = <R(a - c) q, k>``. So keys are rotated once, when
+written, at ``j - base`` and never again; a query is rotated at ``t - base``; the score then carries
+exactly the distance ``t - j`` whatever ``base`` is. That is all ``positions="absolute"`` needs, and
+it is also right for every window key in ``positions="cache"``. Only sinks differ in cache mode: sink
+``j`` must sit at distance ``min(t, anchor) - j`` (``anchor = S + W - 1``). Sinks are therefore kept
+rotated at ``j - anchor`` (``sink_k``) and scored with the query rotated at ``min(t, anchor) - anchor``
+(chunk path), or re-rotated to the query's frame each decode step (S rows: O(S) work).
+
+Drift. Angles come from integer positions in float64, and ``base`` moves to the current position
+every ``rebase_every`` tokens (re-rotating the ring once: amortised O(W / rebase_every) per token),
+so angles stay below ``rebase_every + T`` however long the stream runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamattn.core.rope import RoPE, apply_rotary
+from streamattn.core.state import StreamState
+from streamattn.policies import Policy
+
+EMPTY = 2**62  # stream index recorded for an empty slot: no query ever sees it
+_TABLE = 256  # decode rotation matrices cached per stretch of positions
+_SCORE_BUDGET = 2**25  # max elements of one score tensor in the chunk path (128 MiB in fp32)
+
+
+class SinkWindowEngine:
+    """Realises any policy whose visible set is "first ``sinks`` + last ``window``" (``window=None``:
+    unbounded, i.e. ``Full``). Holds configuration and caches of derived constants, never a stream:
+    every method takes the ``StreamState`` it works on.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        rope: RoPE | None,
+        positions: str,
+        scale: float | None,
+        rebase_every: int,
+        block_size: int,
+    ) -> None:
+        self.policy = policy
+        self.sinks: int = policy.sinks
+        self.window: int | None = policy.window
+        self.anchor = None if self.window is None else self.sinks + self.window - 1
+        self.rope = rope
+        self.cache_mode = positions == "cache"
+        self.scale = scale
+        self.rebase_every = rebase_every
+        self.block_size = block_size
+        self._table: tuple[int, torch.Tensor] | None = None  # (first position, [N, D, D])
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, b: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> StreamState:
+        cap = self.window if self.window is not None else 256
+        size = (b, hkv, self.sinks + cap, d)
+        sink_k = None
+        if self.rope is not None and self.sinks:
+            sink_k = torch.zeros(b, hkv, self.sinks, d, dtype=dtype, device=device)
+        return StreamState(
+            k=torch.zeros(size, dtype=dtype, device=device),
+            v=torch.zeros(size, dtype=dtype, device=device),
+            sink_k=sink_k,
+            seen=[0] * b,
+            base=[0] * b,
+        )
+
+    def slot_positions(self, seen: torch.Tensor, capacity: int) -> torch.Tensor:
+        """``[B, S + capacity]`` stream index held by each slot given ``seen [B]``; EMPTY if none."""
+        s, w = self.sinks, self.window
+        dev = seen.device
+        sink = torch.arange(s, device=dev)
+        sink_pos = torch.where(sink < seen[:, None], sink, EMPTY)
+        r = torch.arange(capacity, device=dev)
+        newest = (seen - s - 1)[:, None]  # ring offset of the newest window token (< 0: none yet)
+        if w is None:
+            offset = torch.where(r <= newest, r, -1)
+        else:
+            offset = newest - torch.remainder(newest - r, w)
+        ring_pos = torch.where(offset >= 0, s + offset, EMPTY)
+        return torch.cat((sink_pos, ring_pos), dim=1)
+
+    def _slot(self, j: int) -> int:
+        if j < self.sinks:
+            return j
+        return self.sinks + ((j - self.sinks) if self.window is None else (j - self.sinks) % self.window)
+
+    def _reserve(self, st: StreamState, n_max: int) -> None:
+        """Grow an unbounded (``Full``) buffer to hold ``n_max`` tokens, doubling."""
+        if self.window is not None or st.k.shape[2] >= n_max:
+            return
+        size = max(n_max, 2 * st.k.shape[2])
+        for name in ("k", "v"):
+            old = getattr(st, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(st, name, new)
+
+    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ positions
+    def _maybe_rebase(self, st: StreamState, t: int) -> None:
+        """Move the frame origin of streams whose positions would exceed ``rebase_every``."""
+        if self.rope is None:
+            return
+        for b in range(st.batch_size):
+            delta = st.seen[b] - st.base[b]
+            if delta + t <= self.rebase_every or delta == 0:
+                continue
+            cdt = self._compute_dtype(st.dtype)
+            back = self.rope.rotation_matrices(torch.tensor(-delta, device=st.device), cdt)
+            ring = st.k[b, :, self.sinks :]
+            ring.copy_(torch.matmul(ring.to(cdt), back))
+            st.base[b] = st.seen[b]
+            if st.sink_k is not None:
+                self._refresh_display(st, b)
+
+    def _display_position(self, st: StreamState, b: int) -> int:
+        """Frame position of the matrix that brings ``sink_k`` to stream ``b``'s query frame."""
+        t = max(st.seen[b], self.anchor) if self.cache_mode else self.anchor
+        return t - st.base[b]
+
+    def _refresh_display(self, st: StreamState, b: int) -> None:
+        cdt = self._compute_dtype(st.dtype)
+        m = self.rope.rotation_matrices(torch.tensor(self._display_position(st, b), device=st.device), cdt)
+        st.k[b, :, : self.sinks] = torch.matmul(st.sink_k[b].to(cdt), m)
+
+    def _rotations(self, pos: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Rotation matrices for frame positions ``pos``: ``[D, D]`` if all equal, else ``[B, 1, D, D]``."""
+        lo, hi = min(pos), max(pos)
+        table = self._table
+        if table is None or table[1].dtype != dtype or table[1].device != device or lo < table[0] or hi >= table[0] + _TABLE:
+            if hi - lo >= _TABLE:
+                return self.rope.rotation_matrices(torch.tensor(pos, device=device), dtype)[:, None]
+            table = (lo, self.rope.rotation_matrices(torch.arange(lo, lo + _TABLE, device=device), dtype))
+            self._table = table
+        start, mats = table
+        if lo == hi:
+            return mats[lo - start]
+        return mats[torch.tensor(pos, device=device) - start][:, None]
+
+    # ------------------------------------------------------------------ decode: T == 1
+    def decode(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per stream. Cost: 2 tiny matmuls (RoPE), 2 slot writes, S-row sink refresh in
+        cache mode, then a single SDPA over the buffer (a prefix slice, or a mask if fills differ)."""
+        self._maybe_rebase(st, 1)
+        bsz, hq, _, d = q.shape
+        hkv = k.shape[1]
+        s, seen = self.sinks, st.seen
+        uniform = min(seen) == max(seen)
+        if self.window is None:
+            self._reserve(st, max(seen) + 1)
+        if self.rope is not None:
+            cdt = self._compute_dtype(q.dtype)
+            pos = [t - b for t, b in zip(seen, st.base)]
+            m = self._rotations(pos, cdt, q.device)
+            q = torch.matmul(q.to(cdt), m).to(q.dtype)
+            k_raw, k = k, torch.matmul(k.to(cdt), m).to(k.dtype)
+        if uniform:
+            slot = self._slot(seen[0])
+            st.k[:, :, slot] = k[:, :, 0]
+            st.v[:, :, slot] = v[:, :, 0]
+        else:
+            rows = torch.arange(bsz, device=q.device)
+            slots = torch.tensor([self._slot(t) for t in seen], device=q.device)
+            st.k[rows, :, slots] = k[:, :, 0]
+            st.v[rows, :, slots] = v[:, :, 0]
+        if st.sink_k is not None:
+            self._decode_sinks(st, k_raw, m, uniform)
+        n = [t + 1 for t in seen]
+        if uniform:
+            keys, values, mask = st.k[:, :, : self._filled(n[0])], st.v[:, :, : self._filled(n[0])], None
+        else:
+            cap = st.k.shape[2] - s
+            held = self.slot_positions(torch.tensor(n, device=q.device), cap)
+            keys, values, mask = st.k, st.v, (held != EMPTY)[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q.reshape(bsz, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=self.scale
+        )  # the G query heads of a kv head ride in SDPA's query-length dim: no repeat_interleave
+        st.seen = n
+        return out.reshape(bsz, hq, 1, d)
+
+    def _filled(self, n: int) -> int:
+        """Length of the buffer prefix in use after ``n`` tokens (slots fill in order)."""
+        if n <= self.sinks:
+            return n
+        w = n - self.sinks
+        return self.sinks + (w if self.window is None else min(w, self.window))
+
+    def _decode_sinks(self, st: StreamState, k_raw: torch.Tensor, m: torch.Tensor, uniform: bool) -> None:
+        s, anchor = self.sinks, self.anchor
+        cdt = self._compute_dtype(st.dtype)
+        for b, t in enumerate(st.seen):  # only during a stream's first S tokens
+            if t < s:
+                pos = torch.tensor(t - anchor, device=st.device)
+                st.sink_k[b, :, t] = self.rope.rotate(k_raw[b, :, 0].to(cdt), pos).to(st.dtype)
+        if not self.cache_mode:  # sink display is static in absolute mode (moved only by a rebase)
+            return
+        if uniform:
+            if st.seen[0] >= anchor:  # past fill: sinks follow the query (m is its rotation)
+                st.k[:, :, :s] = torch.matmul(st.sink_k.to(cdt), m).to(st.dtype)
+            return
+        for b, t in enumerate(st.seen):
+            if t >= anchor:
+                mb = m if m.dim() == 2 else m[b, 0]
+                st.k[b, :, :s] = torch.matmul(st.sink_k[b].to(cdt), mb).to(st.dtype)
+
+    # ------------------------------------------------------------------ chunks: any T
+    def forward(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Stream ``counts[b]`` tokens of each stream (right-padded to T) in blocks."""
+        bsz, hq, t, d = q.shape
+        if t == 1 and min(counts) == 1:
+            return self.decode(st, q, k, v)
+        out = q.new_zeros(bsz, hq, t, d)
+        block = self._block_size(st, bsz, hq, t)
+        for c0 in range(0, max(counts), block):
+            n = [min(max(c - c0, 0), block) for c in counts]
+            c1 = c0 + max(n)
+            out[:, :, c0:c1] = self._block(st, q[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], n)
+        return out
+
+    def _block_size(self, st: StreamState, bsz: int, hq: int, t: int) -> int:
+        """Blocks no longer than the window: a block never overwrites ring slots it still reads,
+        and sinks inside a block are seen only by queries below the anchor (no shift needed)."""
+        limit = min(t, self.block_size)
+        if self.window is not None:
+            limit = min(limit, self.window)
+        keys = st.k.shape[2] + limit
+        return max(1, min(limit, _SCORE_BUDGET // max(1, bsz * hq * keys)))
+
+    def _block(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> torch.Tensor:
+        bsz, hq, t, d = q.shape
+        hkv, g, s = k.shape[1], hq // k.shape[1], self.sinks
+        dtype, dev, cdt = q.dtype, q.device, self._compute_dtype(q.dtype)
+        self._maybe_rebase(st, t)
+        if self.window is None:
+            self._reserve(st, max(a + b for a, b in zip(st.seen, n)))
+        seen = torch.tensor(st.seen, device=dev)
+        col = torch.arange(t, device=dev)
+        valid = col[None, :] < torch.tensor(n, device=dev)[:, None]  # [B, T]
+        qpos = seen[:, None] + col[None, :]  # [B, T] stream index of each query/key
+        q, k_raw, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        if min(n) < t:  # padding may hold anything (NaN included): 0 * NaN would leak through P @ V
+            pad = ~valid[:, None, :, None]
+            q, k_raw, v = q.masked_fill(pad, 0), k_raw.masked_fill(pad, 0), v.masked_fill(pad, 0)
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin((qpos - torch.tensor(st.base, device=dev)[:, None])[:, None], cdt)
+            qw, k = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
+        else:
+            qw, k = q, k_raw
+        scale = d**-0.5 if self.scale is None else self.scale
+        qg = (qw * scale).view(bsz, hkv, g * t, d)  # query head h -> kv head h // g
+        kbuf, vbuf = st.k.to(cdt), st.v.to(cdt)
+        s_buf = qg @ kbuf.transpose(-1, -2)  # [B, Hkv, G*T, S + C]
+        if st.sink_k is not None:
+            # sink j sits at distance min(t, anchor) - j (cache) or t - j (absolute) from query t
+            ps = qpos.clamp_max(self.anchor) if self.cache_mode else qpos
+            qs = self.rope.rotate(q, (ps - self.anchor)[:, None]) * scale
+            s_buf[..., :s] = qs.view(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)
+        s_blk = qg @ k.transpose(-1, -2)  # [B, Hkv, G*T, T]
+        qv = torch.where(valid, qpos, -1)[:, :, None]  # padded queries see nothing
+        held = self.slot_positions(seen, st.k.shape[2] - s)
+        see_buf = self.policy.visible(qv, held[:, None, :])  # [B, T, S + C]
+        see_blk = self.policy.visible(qv, torch.where(valid, qpos, EMPTY)[:, None, :])  # [B, T, T]
+        out = _masked_softmax_2(s_buf, s_blk, see_buf, see_blk, vbuf, v, g)
+        self._write(st, k, v, k_raw, qpos, valid, n)
+        return out.view(bsz, hq, t, d).to(dtype)
+
+    def _write(self, st, k, v, k_raw, qpos, valid, n) -> None:
+        """Commit the block's valid tokens: sinks to their slots (+ ``sink_k``), the rest to the ring."""
+        s = self.sinks
+        ring = qpos - s if self.window is None else torch.remainder(qpos - s, self.window)
+        slot = torch.where(qpos < s, qpos, s + ring)
+        b_idx, i_idx = valid.nonzero(as_tuple=True)
+        sl = slot[b_idx, i_idx]
+        st.k[b_idx, :, sl] = k.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
+        st.v[b_idx, :, sl] = v.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
+        if st.sink_k is not None and any(t < s and c > 0 for t, c in zip(st.seen, n)):
+            b_idx, i_idx = (valid & (qpos < s)).nonzero(as_tuple=True)
+            j = qpos[b_idx, i_idx]
+            rows = self.rope.rotate(k_raw.transpose(1, 2)[b_idx, i_idx], (j - self.anchor)[:, None])
+            st.sink_k[b_idx, :, j] = rows.to(st.dtype)
+        st.seen = [t + c for t, c in zip(st.seen, n)]
+
+
+def _masked_softmax_2(s_a, s_b, see_a, see_b, v_a, v_b, g):
+    """softmax over the concatenation of two score blocks, without concatenating anything.
+
+    ``s_*``: ``[B, Hkv, G*T, K_*]`` scaled scores; ``see_*``: ``[B, T, K_*]`` visibility;
+    ``v_*``: ``[B, Hkv, K_*, D]``. Rows that see nothing produce zeros.
+    """
+    bsz, hkv, gt, _ = s_a.shape
+    t = gt // g
+    s_a = s_a.view(bsz, hkv, g, t, -1).masked_fill(~see_a[:, None, None], float("-inf"))
+    s_b = s_b.view(bsz, hkv, g, t, -1).masked_fill(~see_b[:, None, None], float("-inf"))
+    peak = torch.maximum(s_a.amax(-1), s_b.amax(-1)).nan_to_num(neginf=0.0)[..., None]
+    e_a, e_b = (s_a - peak).exp(), (s_b - peak).exp()
+    denom = (e_a.sum(-1) + e_b.sum(-1)).clamp_min(torch.finfo(e_a.dtype).tiny)[..., None]
+    out = e_a.view(bsz, hkv, gt, -1) @ v_a + e_b.view(bsz, hkv, gt, -1) @ v_b
+    return out / denom.view(bsz, hkv, gt, 1)

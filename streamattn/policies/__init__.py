@@ -1,0 +1,27 @@
+"""Streaming attention policies: one small dataclass per file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamattn.policies.base import Policy
+from streamattn.policies.full import Full
+from streamattn.policies.sink_window import SinkWindow
+
+_REGISTRY: dict[str, type] = {"SinkWindow": SinkWindow, "Full": Full}
+
+
+def policy_from_config(config: dict[str, Any]) -> Policy:
+    """Inverse of ``policy.to_config()``; raises ``ValueError`` on an unknown or malformed config."""
+    if not isinstance(config, dict) or config.get("type") not in _REGISTRY:
+        raise ValueError(
+            f"unknown policy config {config!r}; expected a dict whose 'type' is one of {sorted(_REGISTRY)}"
+        )
+    fields = {k: v for k, v in config.items() if k != "type"}
+    try:
+        return _REGISTRY[config["type"]](**fields)
+    except TypeError as exc:
+        raise ValueError(f"malformed policy config {config!r}: {exc}") from None
+
+
+__all__ = ["Full", "Policy", "SinkWindow", "policy_from_config"]

@@ -1,0 +1,101 @@
+"""The obviously-correct float64 oracle every optimised path is tested against.
+
+Slow on purpose: one query at a time, the visible keys gathered from the literal rule of each policy,
+positions assigned by the literal definition of each mode, RoPE written independently of
+``streamattn.core.rope`` (as a complex rotation of the pairs ``(x_i, x_{i+D/2})``), plain softmax.
+
+Modes (``t`` is the query's absolute stream index, ``j`` a key's):
+- ``"absolute"``: query at position ``t``, key at ``j``.
+- ``"cache"`` (StreamingLLM): positions are slots in the cache at the moment of attending, i.e. a
+  visible key's rank among the visible keys (ordered by ``j``) and the query at the last rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamattn.core.rope import RoPE
+from streamattn.policies import Full, Policy, SinkWindow
+
+
+def is_visible(policy: Policy, t: int, j: int) -> bool:
+    """The literal visibility rule, in plain Python integers."""
+    if isinstance(policy, SinkWindow):
+        return j <= t and (j < policy.sinks or t - j < policy.window)
+    if isinstance(policy, Full):
+        return j <= t
+    raise TypeError(f"reference: no literal rule for policy {policy!r}")
+
+
+def visible_keys(policy: Policy, t: int) -> list[int]:
+    """All key indices query ``t`` sees, ascending. O(t); fine for an oracle."""
+    if isinstance(policy, SinkWindow):  # same set without scanning the invisible middle (tested)
+        recent = range(max(policy.sinks, t - policy.window + 1), t + 1)
+        return list(range(min(policy.sinks, t + 1))) + list(recent)
+    return [j for j in range(t + 1) if is_visible(policy, t, j)]
+
+
+def _rope64(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE as a complex rotation. ``x [..., n, D]`` float64, ``pos [n]`` int."""
+    d = x.shape[-1]
+    h = d // 2
+    inv_freq = float(theta) ** (-(torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angle = pos.to(torch.float64)[:, None] * inv_freq[None, :]  # [n, h]
+    z = torch.complex(x[..., :h], x[..., h:]) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: Policy,
+    *,
+    rope: RoPE | None = None,
+    positions: str = "cache",
+    scale: float | None = None,
+    q_idx: torch.Tensor | list[int] | None = None,
+    kv_idx: torch.Tensor | list[int] | None = None,
+) -> torch.Tensor:
+    """Streaming attention of queries over a stream, computed offline in float64.
+
+    Args:
+        q: ``[B, Hq, Tq, D]`` un-rotated queries.
+        k, v: ``[B, Hkv, Tk, D]`` un-rotated keys and values, ``Hq % Hkv == 0``.
+        q_idx: absolute stream index of each query (default ``0..Tq-1``).
+        kv_idx: absolute stream index of each given key (default ``0..Tk-1``). Must include every
+            key that any query sees, so a long stream can be checked from a few of its tokens.
+
+    Returns:
+        ``[B, Hq, Tq, D]`` float64.
+    """
+    if positions not in ("cache", "absolute"):
+        raise ValueError(f"positions must be 'cache' or 'absolute', got {positions!r}")
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    q_idx = list(range(tq)) if q_idx is None else [int(i) for i in q_idx]
+    kv_idx = list(range(tk)) if kv_idx is None else [int(i) for i in kv_idx]
+    where = {j: n for n, j in enumerate(kv_idx)}
+    scale = d**-0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(b, hq, tq, d, dtype=torch.float64)
+    for qi, t in enumerate(q_idx):
+        keys = visible_keys(policy, t)
+        missing = [j for j in keys if j not in where]
+        if missing:
+            raise ValueError(f"reference: query {t} sees keys {missing[:5]}... that kv_idx does not provide")
+        cols = torch.tensor([where[j] for j in keys])
+        kk, vv = k[:, :, cols], v[:, :, cols]  # [B, Hkv, n, D]
+        qq = q[:, :, qi : qi + 1]  # [B, Hq, 1, D]
+        if rope is not None:
+            if positions == "absolute":
+                kpos, qpos = torch.tensor(keys), torch.tensor([t])
+            else:
+                kpos, qpos = torch.arange(len(keys)), torch.tensor([len(keys) - 1])
+            kk, qq = _rope64(kk, kpos, rope.theta), _rope64(qq, qpos, rope.theta)
+        kk = kk.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+        vv = vv.repeat_interleave(group, dim=1)
+        w = torch.softmax((qq @ kk.transpose(-1, -2)) * scale, dim=-1)  # [B, Hq, 1, n]
+        out[:, :, qi : qi + 1] = w @ vv
+    return out
