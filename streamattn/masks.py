@@ -13,7 +13,7 @@ additionally moves positions (StreamingLLM); no mask alone expresses that.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -67,6 +67,4 @@ def block_mask(
     from torch.nn.attention.flex_attention import create_block_mask  # optional backend, lazily
 
     kv_len = q_len if kv_len is None else kv_len
-    return create_block_mask(
-        generate_mask_mod(policy), None, None, q_len, kv_len, device=device, BLOCK_SIZE=block_size
-    )
+    return create_block_mask(generate_mask_mod(policy), None, None, q_len, kv_len, device=device, BLOCK_SIZE=block_size)

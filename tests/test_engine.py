@@ -21,7 +21,7 @@ CHUNKINGS = [1, 3, 7, 64, 40, "random"]  # 40 > window (16); 64 > window; random
 ROPES = [pytest.param(None, id="norope"), pytest.param(sa.RoPE(D, 10000.0), id="rope")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(policy, positions, rope, heads, b, seed, t_total):
     q, k, v = make_qkv(b, *heads, t_total, D, torch.float64, seed=seed)
     return reference.attention(q, k, v, policy, rope=rope, positions=positions)
@@ -51,7 +51,9 @@ def test_ragged_batch_equals_each_stream_alone(policy, positions, rope, heads, c
     streams = [make_qkv(1, *heads, n, D, torch.float32, seed=10 + i) for i, n in enumerate(lengths)]
     sizes = [chunk_sizes(chunking if i == 0 else "random", n, seed=i) for i, n in enumerate(lengths)]
     attn = sa.StreamingAttention(policy=policy, rope=rope, positions=positions)
-    outs = stream_ragged(attn, [s[0][0] for s in streams], [s[1][0] for s in streams], [s[2][0] for s in streams], sizes)
+    outs = stream_ragged(
+        attn, [s[0][0] for s in streams], [s[1][0] for s in streams], [s[2][0] for s in streams], sizes
+    )
     for i, n in enumerate(lengths):
         want = _reference(policy, positions, rope, heads, 1, 10 + i, n)[0]
         assert max_err(outs[i], want) < TOL[torch.float32], f"stream {i}"

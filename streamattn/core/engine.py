@@ -133,7 +133,13 @@ class SinkWindowEngine:
         """Rotation matrices for frame positions ``pos``: ``[D, D]`` if all equal, else ``[B, 1, D, D]``."""
         lo, hi = min(pos), max(pos)
         table = self._table
-        if table is None or table[1].dtype != dtype or table[1].device != device or lo < table[0] or hi >= table[0] + _TABLE:
+        if (
+            table is None
+            or table[1].dtype != dtype
+            or table[1].device != device
+            or lo < table[0]
+            or hi >= table[0] + _TABLE
+        ):
             if hi - lo >= _TABLE:
                 return self.rope.rotation_matrices(torch.tensor(pos, device=device), dtype)[:, None]
             table = (lo, self.rope.rotation_matrices(torch.arange(lo, lo + _TABLE, device=device), dtype))
@@ -156,7 +162,7 @@ class SinkWindowEngine:
             self._reserve(st, max(seen) + 1)
         if self.rope is not None:
             cdt = self._compute_dtype(q.dtype)
-            pos = [t - b for t, b in zip(seen, st.base)]
+            pos = [t - b for t, b in zip(seen, st.base, strict=True)]
             m = self._rotations(pos, cdt, q.device)
             q = torch.matmul(q.to(cdt), m).to(q.dtype)
             k_raw, k = k, torch.matmul(k.to(cdt), m).to(k.dtype)
@@ -210,7 +216,9 @@ class SinkWindowEngine:
                 st.k[b, :, :s] = torch.matmul(st.sink_k[b].to(cdt), mb).to(st.dtype)
 
     # ------------------------------------------------------------------ chunks: any T
-    def forward(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(
+        self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
         """Stream ``counts[b]`` tokens of each stream (right-padded to T) in blocks."""
         bsz, hq, t, d = q.shape
         if t == 1 and min(counts) == 1:
@@ -238,7 +246,7 @@ class SinkWindowEngine:
         dtype, dev, cdt = q.dtype, q.device, self._compute_dtype(q.dtype)
         self._maybe_rebase(st, t)
         if self.window is None:
-            self._reserve(st, max(a + b for a, b in zip(st.seen, n)))
+            self._reserve(st, max(a + b for a, b in zip(st.seen, n, strict=True)))
         seen = torch.tensor(st.seen, device=dev)
         col = torch.arange(t, device=dev)
         valid = col[None, :] < torch.tensor(n, device=dev)[:, None]  # [B, T]
@@ -279,12 +287,12 @@ class SinkWindowEngine:
         sl = slot[b_idx, i_idx]
         st.k[b_idx, :, sl] = k.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
         st.v[b_idx, :, sl] = v.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
-        if st.sink_k is not None and any(t < s and c > 0 for t, c in zip(st.seen, n)):
+        if st.sink_k is not None and any(t < s and c > 0 for t, c in zip(st.seen, n, strict=True)):
             b_idx, i_idx = (valid & (qpos < s)).nonzero(as_tuple=True)
             j = qpos[b_idx, i_idx]
             rows = self.rope.rotate(k_raw.transpose(1, 2)[b_idx, i_idx], (j - self.anchor)[:, None])
             st.sink_k[b_idx, :, j] = rows.to(st.dtype)
-        st.seen = [t + c for t, c in zip(st.seen, n)]
+        st.seen = [t + c for t, c in zip(st.seen, n, strict=True)]
 
 
 def _masked_softmax_2(s_a, s_b, see_a, see_b, v_a, v_b, g):

@@ -112,7 +112,9 @@ class StreamingAttention(nn.Module):
             if x.dim() != 4:
                 raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
         if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape [B, Hkv, T, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ValueError(
+                f"k and v must have the same shape [B, Hkv, T, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         if (k.shape[0], k.shape[2], k.shape[3]) != (b, t, d):
@@ -137,9 +139,13 @@ class StreamingAttention(nn.Module):
                     f"got B={b}, Hkv={hkv}, D={d}. Call reset() to start new streams."
                 )
             if q.dtype != st.dtype:
-                raise TypeError(f"the streams' state is {st.dtype}, got inputs of {q.dtype}; call reset() to change dtype")
+                raise TypeError(
+                    f"the streams' state is {st.dtype}, got inputs of {q.dtype}; call reset() to change dtype"
+                )
             if q.device != st.device:
-                raise ValueError(f"the streams' state is on {st.device}, got inputs on {q.device}; call reset() to move")
+                raise ValueError(
+                    f"the streams' state is on {st.device}, got inputs on {q.device}; call reset() to move"
+                )
         return _check_lengths(lengths, b, t)
 
     # ------------------------------------------------------------------ save / restore
@@ -193,7 +199,7 @@ class StreamingAttention(nn.Module):
             raise ValueError("malformed StreamingAttention state: k and v must be 4-D tensors of one shape")
         b, hkv, slots, d = k.shape
         s, w = self.engine.sinks, self.engine.window
-        if len(seen) != b or len(base) != b or any(x < 0 or y < 0 or y > x for x, y in zip(seen, base)):
+        if len(seen) != b or len(base) != b or any(x < 0 or y < 0 or y > x for x, y in zip(seen, base, strict=True)):
             raise ValueError("malformed StreamingAttention state: seen/base do not match the batch")
         if (w is not None and slots != s + w) or (w is None and slots < max(seen)):
             raise ValueError(f"state buffers hold {slots} slots, this policy needs {s + w if w else max(seen)}")
@@ -204,7 +210,9 @@ class StreamingAttention(nn.Module):
             want_sinks and (sink_k.shape != (b, hkv, s, d) or sink_k.dtype != k.dtype)
         ):
             raise ValueError("malformed StreamingAttention state: sink_k does not match the policy")
-        return StreamState(k=k.clone(), v=v.clone(), sink_k=None if sink_k is None else sink_k.clone(), seen=seen, base=base)
+        return StreamState(
+            k=k.clone(), v=v.clone(), sink_k=None if sink_k is None else sink_k.clone(), seen=seen, base=base
+        )
 
 
 def _check_lengths(lengths: Any, b: int, t: int) -> list[int]:
@@ -212,7 +220,9 @@ def _check_lengths(lengths: Any, b: int, t: int) -> list[int]:
         return [t] * b
     if isinstance(lengths, torch.Tensor):
         if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be a 1-D integer tensor or a sequence of ints, got {lengths.dtype} {tuple(lengths.shape)}")
+            raise TypeError(
+                f"lengths must be a 1-D integer tensor or a sequence of ints, got {lengths.dtype} {tuple(lengths.shape)}"
+            )
         values = lengths.tolist()
     elif isinstance(lengths, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in lengths):
         values = list(lengths)
