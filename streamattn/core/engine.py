@@ -24,7 +24,7 @@ from streamattn.policies import Policy
 
 EMPTY = 2**62  # stream index recorded for an empty slot: no query ever sees it
 _TABLE = 256  # decode rotation matrices cached per stretch of positions
-_SCORE_BUDGET = 2**25  # max elements of one score tensor in the chunk path (128 MiB in fp32)
+_SCORE_BUDGET = 2**25  # max elements of one block's [B, Hq, T, K] mask (128 MiB in fp32)
 
 
 class SinkWindowEngine:
@@ -51,7 +51,10 @@ class SinkWindowEngine:
         self.scale = scale
         self.rebase_every = rebase_every
         self.block_size = block_size
-        self._table: tuple[int, torch.Tensor] | None = None  # (first position, [N, D, D])
+        self._table = torch.empty(0)  # [_TABLE, D, D] rotations of positions _table_start + i
+        self._table_rows: list[torch.Tensor] = []
+        self._table_start = 0
+        self._table_key: tuple[torch.dtype, torch.device] | None = None
 
     # ------------------------------------------------------------------ state
     def new_state(self, b: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> StreamState:
@@ -130,60 +133,72 @@ class SinkWindowEngine:
         st.k[b, :, : self.sinks] = torch.matmul(st.sink_k[b].to(cdt), m)
 
     def _rotations(self, pos: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Rotation matrices for frame positions ``pos``: ``[D, D]`` if all equal, else ``[B, 1, D, D]``."""
+        """Rotation matrices for frame positions ``pos``: ``[D, D]`` if all equal, else ``[B, 1, D, D]``.
+
+        Served from a table of the next ``_TABLE`` positions (rebuilt when left: amortised O(D^2)
+        per token); the table's rows are kept as a list of views so a lookup launches no kernel.
+        """
         lo, hi = min(pos), max(pos)
-        table = self._table
-        if (
-            table is None
-            or table[1].dtype != dtype
-            or table[1].device != device
-            or lo < table[0]
-            or hi >= table[0] + _TABLE
-        ):
+        start = self._table_start
+        if self._table_key != (dtype, device) or lo < start or hi >= start + _TABLE:
             if hi - lo >= _TABLE:
                 return self.rope.rotation_matrices(torch.tensor(pos, device=device), dtype)[:, None]
-            table = (lo, self.rope.rotation_matrices(torch.arange(lo, lo + _TABLE, device=device), dtype))
-            self._table = table
-        start, mats = table
+            self._table = self.rope.rotation_matrices(torch.arange(lo, lo + _TABLE, device=device), dtype)
+            self._table_rows = list(self._table.unbind(0))
+            self._table_start, self._table_key, start = lo, (dtype, device), lo
         if lo == hi:
-            return mats[lo - start]
-        return mats[torch.tensor(pos, device=device) - start][:, None]
+            return self._table_rows[lo - start]
+        return self._table[torch.tensor(pos, device=device) - start][:, None]
 
     # ------------------------------------------------------------------ decode: T == 1
     def decode(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One token per stream. Cost: 2 tiny matmuls (RoPE), 2 slot writes, S-row sink refresh in
-        cache mode, then a single SDPA over the buffer (a prefix slice, or a mask if fills differ)."""
-        self._maybe_rebase(st, 1)
+        """One token per stream, the hot path. Kernels: RoPE on q and on k (one small matmul each),
+        two slot writes, in cache mode an S-row sink refresh (matmul + write), then one SDPA over the
+        buffer's filled prefix (or the whole buffer with a mask when streams are at different fills).
+        """
+        if self.rope is not None:
+            self._maybe_rebase(st, 1)
         bsz, hq, _, d = q.shape
         hkv = k.shape[1]
-        s, seen = self.sinks, st.seen
-        uniform = min(seen) == max(seen)
+        seen = st.seen
+        t0 = seen[0]
+        uniform = bsz == 1 or all(t == t0 for t in seen)
         if self.window is None:
             self._reserve(st, max(seen) + 1)
+        m = None
         if self.rope is not None:
             cdt = self._compute_dtype(q.dtype)
-            pos = [t - b for t, b in zip(seen, st.base, strict=True)]
-            m = self._rotations(pos, cdt, q.device)
-            q = torch.matmul(q.to(cdt), m).to(q.dtype)
-            k_raw, k = k, torch.matmul(k.to(cdt), m).to(k.dtype)
+            m = self._rotations([t - b for t, b in zip(seen, st.base, strict=True)], cdt, q.device)
+            k_raw = k
+            if q.dtype == cdt:
+                q, k = torch.matmul(q, m), torch.matmul(k, m)
+            else:  # bf16/fp16: rotate in fp32, store rounded
+                q, k = torch.matmul(q.to(cdt), m).to(q.dtype), torch.matmul(k.to(cdt), m).to(k.dtype)
         if uniform:
-            slot = self._slot(seen[0])
-            st.k[:, :, slot] = k[:, :, 0]
-            st.v[:, :, slot] = v[:, :, 0]
+            slot = self._slot(t0)
+            st.k.narrow(2, slot, 1).copy_(k)
+            st.v.narrow(2, slot, 1).copy_(v)
         else:
             rows = torch.arange(bsz, device=q.device)
             slots = torch.tensor([self._slot(t) for t in seen], device=q.device)
             st.k[rows, :, slots] = k[:, :, 0]
             st.v[rows, :, slots] = v[:, :, 0]
         if st.sink_k is not None:
-            self._decode_sinks(st, k_raw, m, uniform)
+            if uniform and t0 >= self.sinks:  # common case: no new sink; refresh only past the fill
+                if self.cache_mode and t0 >= self.anchor:  # sinks follow the query: same rotation m
+                    st.k.narrow(2, 0, self.sinks).copy_(torch.matmul(st.sink_k.to(m.dtype), m))
+            else:
+                self._decode_sinks(st, k_raw, m)
         n = [t + 1 for t in seen]
+        mask = None
+        keys, values = st.k, st.v
         if uniform:
-            keys, values, mask = st.k[:, :, : self._filled(n[0])], st.v[:, :, : self._filled(n[0])], None
+            filled = self._filled(n[0])
+            if filled < keys.shape[2]:
+                keys, values = keys.narrow(2, 0, filled), values.narrow(2, 0, filled)
         else:
-            cap = st.k.shape[2] - s
-            held = self.slot_positions(torch.tensor(n, device=q.device), cap)
-            keys, values, mask = st.k, st.v, (held != EMPTY)[:, None, None, :]
+            held = self.slot_positions(torch.tensor(n, device=q.device), st.k.shape[2] - self.sinks)
+            mask = (held != EMPTY)[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q.reshape(bsz, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=self.scale
         )  # the G query heads of a kv head ride in SDPA's query-length dim: no repeat_interleave
@@ -197,21 +212,15 @@ class SinkWindowEngine:
         w = n - self.sinks
         return self.sinks + (w if self.window is None else min(w, self.window))
 
-    def _decode_sinks(self, st: StreamState, k_raw: torch.Tensor, m: torch.Tensor, uniform: bool) -> None:
+    def _decode_sinks(self, st: StreamState, k_raw: torch.Tensor, m: torch.Tensor) -> None:
+        """Sink bookkeeping of a decode step when streams differ or one is still writing sinks."""
         s, anchor = self.sinks, self.anchor
-        cdt = self._compute_dtype(st.dtype)
-        for b, t in enumerate(st.seen):  # only during a stream's first S tokens
-            if t < s:
+        cdt = m.dtype
+        for b, t in enumerate(st.seen):
+            if t < s:  # this token is a sink: keep it rotated at j - anchor
                 pos = torch.tensor(t - anchor, device=st.device)
                 st.sink_k[b, :, t] = self.rope.rotate(k_raw[b, :, 0].to(cdt), pos).to(st.dtype)
-        if not self.cache_mode:  # sink display is static in absolute mode (moved only by a rebase)
-            return
-        if uniform:
-            if st.seen[0] >= anchor:  # past fill: sinks follow the query (m is its rotation)
-                st.k[:, :, :s] = torch.matmul(st.sink_k.to(cdt), m).to(st.dtype)
-            return
-        for b, t in enumerate(st.seen):
-            if t >= anchor:
+            elif self.cache_mode and t >= anchor:  # past the fill: sinks follow the query
                 mb = m if m.dim() == 2 else m[b, 0]
                 st.k[b, :, :s] = torch.matmul(st.sink_k[b].to(cdt), mb).to(st.dtype)
 
@@ -241,8 +250,10 @@ class SinkWindowEngine:
         return max(1, min(limit, _SCORE_BUDGET // max(1, bsz * hq * keys)))
 
     def _block(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> torch.Tensor:
+        """Attend ``n[b]`` new tokens of each stream (right-padded to T <= window) with one SDPA over
+        a copy of the buffer followed by the block, then commit the block to the state."""
         bsz, hq, t, d = q.shape
-        hkv, g, s = k.shape[1], hq // k.shape[1], self.sinks
+        hkv, s = k.shape[1], self.sinks
         dtype, dev, cdt = q.dtype, q.device, self._compute_dtype(q.dtype)
         self._maybe_rebase(st, t)
         if self.window is None:
@@ -260,23 +271,35 @@ class SinkWindowEngine:
             qw, k = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
         else:
             qw, k = q, k_raw
+        # What this block attends to: the buffer as it was, then the block itself. One copy of
+        # O((S + C + T) * D), after which the ring may be overwritten freely.
+        slots = st.k.shape[2]
+        keys = torch.empty(bsz, hkv, slots + t, d, dtype=cdt, device=dev)
+        values = torch.empty_like(keys)
+        keys[:, :, :slots], keys[:, :, slots:] = st.k, k
+        values[:, :, :slots], values[:, :, slots:] = st.v, v
+        held = self.slot_positions(seen, slots - s)
+        kpos = torch.cat((held, torch.where(valid, qpos, EMPTY)), dim=1)  # [B, S + C + T]
+        see = self.policy.visible(qpos[:, :, None], kpos[:, None, :]) | ~valid[:, :, None]  # [B, T, K]
         scale = d**-0.5 if self.scale is None else self.scale
-        qg = (qw * scale).view(bsz, hkv, g * t, d)  # query head h -> kv head h // g
-        kbuf, vbuf = st.k.to(cdt), st.v.to(cdt)
-        s_buf = qg @ kbuf.transpose(-1, -2)  # [B, Hkv, G*T, S + C]
-        if st.sink_k is not None:
-            # sink j sits at distance min(t, anchor) - j (cache) or t - j (absolute) from query t
-            ps = qpos.clamp_max(self.anchor) if self.cache_mode else qpos
-            qs = self.rope.rotate(q, (ps - self.anchor)[:, None]) * scale
-            s_buf[..., :s] = qs.view(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)
-        s_blk = qg @ k.transpose(-1, -2)  # [B, Hkv, G*T, T]
-        qv = torch.where(valid, qpos, -1)[:, :, None]  # padded queries see nothing
-        held = self.slot_positions(seen, st.k.shape[2] - s)
-        see_buf = self.policy.visible(qv, held[:, None, :])  # [B, T, S + C]
-        see_blk = self.policy.visible(qv, torch.where(valid, qpos, EMPTY)[:, None, :])  # [B, T, T]
-        out = _masked_softmax_2(s_buf, s_blk, see_buf, see_blk, vbuf, v, g)
+        if st.sink_k is not None and self.cache_mode:
+            # Sink j sits at distance min(t, anchor) - j from query t: score it in the sinks' own
+            # frame and hand it to SDPA as an additive bias on a zeroed key (exact: q.0 == 0).
+            keys[:, :, :s] = 0
+            qs = self.rope.rotate(q, (qpos.clamp_max(self.anchor) - self.anchor)[:, None])  # [B, Hq, T, D]
+            g = hq // hkv
+            sink_scores = qs.view(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)  # [B, Hkv, G*T, S]
+            zero, minus_inf = (
+                torch.zeros((), dtype=cdt, device=dev),
+                torch.full((), float("-inf"), dtype=cdt, device=dev),
+            )
+            mask = torch.where(see[:, None].expand(bsz, hq, t, slots + t), zero, minus_inf)  # one pass
+            mask[..., :s] += sink_scores.view(bsz, hq, t, s) * scale
+        else:
+            mask = see[:, None]  # [B, 1, T, K], shared by all heads
+        out = F.scaled_dot_product_attention(qw, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         self._write(st, k, v, k_raw, qpos, valid, n)
-        return out.view(bsz, hq, t, d).to(dtype)
+        return out.masked_fill_(~valid[:, None, :, None], 0).to(dtype)
 
     def _write(self, st, k, v, k_raw, qpos, valid, n) -> None:
         """Commit the block's valid tokens: sinks to their slots (+ ``sink_k``), the rest to the ring."""
@@ -293,20 +316,3 @@ class SinkWindowEngine:
             rows = self.rope.rotate(k_raw.transpose(1, 2)[b_idx, i_idx], (j - self.anchor)[:, None])
             st.sink_k[b_idx, :, j] = rows.to(st.dtype)
         st.seen = [t + c for t, c in zip(st.seen, n, strict=True)]
-
-
-def _masked_softmax_2(s_a, s_b, see_a, see_b, v_a, v_b, g):
-    """softmax over the concatenation of two score blocks, without concatenating anything.
-
-    ``s_*``: ``[B, Hkv, G*T, K_*]`` scaled scores; ``see_*``: ``[B, T, K_*]`` visibility;
-    ``v_*``: ``[B, Hkv, K_*, D]``. Rows that see nothing produce zeros.
-    """
-    bsz, hkv, gt, _ = s_a.shape
-    t = gt // g
-    s_a = s_a.view(bsz, hkv, g, t, -1).masked_fill(~see_a[:, None, None], float("-inf"))
-    s_b = s_b.view(bsz, hkv, g, t, -1).masked_fill(~see_b[:, None, None], float("-inf"))
-    peak = torch.maximum(s_a.amax(-1), s_b.amax(-1)).nan_to_num(neginf=0.0)[..., None]
-    e_a, e_b = (s_a - peak).exp(), (s_b - peak).exp()
-    denom = (e_a.sum(-1) + e_b.sum(-1)).clamp_min(torch.finfo(e_a.dtype).tiny)[..., None]
-    out = e_a.view(bsz, hkv, gt, -1) @ v_a + e_b.view(bsz, hkv, gt, -1) @ v_b
-    return out / denom.view(bsz, hkv, gt, 1)

@@ -49,7 +49,7 @@ class StreamingAttention(nn.Module):
         scale: float | None = None,
         *,
         rebase_every: int = 2**20,
-        block_size: int = 1024,
+        block_size: int = 256,
     ) -> None:
         super().__init__()
         policy = SinkWindow() if policy is None else policy
