@@ -110,8 +110,8 @@ class SinkWindowEngine:
         """Move the frame origin of streams whose positions would exceed ``rebase_every``."""
         if self.rope is None:
             return
-        for b in range(st.batch_size):
-            delta = st.seen[b] - st.base[b]
+        for b, (seen, base) in enumerate(zip(st.seen, st.base, strict=True)):
+            delta = seen - base
             if delta + t <= self.rebase_every or delta == 0:
                 continue
             cdt = self._compute_dtype(st.dtype)
@@ -138,7 +138,7 @@ class SinkWindowEngine:
         Served from a table of the next ``_TABLE`` positions (rebuilt when left: amortised O(D^2)
         per token); the table's rows are kept as a list of views so a lookup launches no kernel.
         """
-        lo, hi = min(pos), max(pos)
+        lo, hi = (pos[0], pos[0]) if len(pos) == 1 else (min(pos), max(pos))
         start = self._table_start
         if self._table_key != (dtype, device) or lo < start or hi >= start + _TABLE:
             if hi - lo >= _TABLE:
@@ -168,7 +168,8 @@ class SinkWindowEngine:
         m = None
         if self.rope is not None:
             cdt = self._compute_dtype(q.dtype)
-            m = self._rotations([t - b for t, b in zip(seen, st.base, strict=True)], cdt, q.device)
+            pos = [seen[0] - st.base[0]] if bsz == 1 else [t - b for t, b in zip(seen, st.base, strict=True)]
+            m = self._rotations(pos, cdt, q.device)
             k_raw = k
             if q.dtype == cdt:
                 q, k = torch.matmul(q, m), torch.matmul(k, m)
@@ -186,7 +187,8 @@ class SinkWindowEngine:
         if st.sink_k is not None:
             if uniform and t0 >= self.sinks:  # common case: no new sink; refresh only past the fill
                 if self.cache_mode and t0 >= self.anchor:  # sinks follow the query: same rotation m
-                    st.k.narrow(2, 0, self.sinks).copy_(torch.matmul(st.sink_k.to(m.dtype), m))
+                    sink_k = st.sink_k if st.sink_k.dtype == m.dtype else st.sink_k.to(m.dtype)
+                    st.k.narrow(2, 0, self.sinks).copy_(torch.matmul(sink_k, m))
             else:
                 self._decode_sinks(st, k_raw, m)
         n = [t + 1 for t in seen]

@@ -106,6 +106,7 @@ class StreamingAttention(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _check(self, q, k, v, lengths) -> list[int]:
+        """Every check on the inputs, before anything is touched. Costs a few µs per call."""
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -1,0 +1,5 @@
+import sys
+
+from streamattn.cli import main
+
+sys.exit(main())
