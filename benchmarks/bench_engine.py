@@ -37,18 +37,25 @@ def randn(*shape):
     return torch.randn(*shape)
 
 
-def time_rounds(fns: dict, steps: int, rounds: int) -> dict[str, list[float]]:
-    """Per-call seconds of each candidate, one list entry per round; candidates interleaved."""
-    out = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        for _ in range(max(3, steps // 5)):
+def time_rounds(fns: dict, steps: int, rounds: int, budget_s: float = 0.15) -> dict[str, list[float]]:
+    """Per-call seconds of each candidate, one entry per round; candidates interleaved in each round.
+
+    Each candidate runs ``steps`` calls per round, fewer if that would exceed ``budget_s``.
+    """
+    calls = {}
+    for name, fn in fns.items():  # warm-up, and calibrate the calls per round
+        t0 = time.perf_counter()
+        for _ in range(5):
             fn()
+        per_call = (time.perf_counter() - t0) / 5
+        calls[name] = max(5, min(steps, int(budget_s / per_call)))
+    out = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(calls[name]):
                 fn()
-            out[name].append((time.perf_counter() - t0) / steps)
+            out[name].append((time.perf_counter() - t0) / calls[name])
     return out
 
 

@@ -1,0 +1,26 @@
+"""The README's usage examples run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_examples():
+    assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # examples may write files (stream.pt)
+    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
+    printed = capsys.readouterr().out
+    if index == 0:
+        assert "[3001, 3001] [1024, 1024]" in printed and "[3008, 3003]" in printed
+    else:
+        assert float(printed.split()[-1]) < 1e-5  # deviation printed by the example
