@@ -61,9 +61,10 @@ def stream_ragged(attn, qs, ks, vs, sizes_per_stream):
         t = max(lens)
         hq, d = qs[0].shape[0], qs[0].shape[-1]
         hkv = ks[0].shape[0]
-        q = torch.zeros(b, hq, t, d, dtype=qs[0].dtype)
-        k = torch.full((b, hkv, t, d), float("nan"), dtype=ks[0].dtype)  # padding must never leak
-        v = torch.full((b, hkv, t, d), float("nan"), dtype=vs[0].dtype)
+        like = {"dtype": qs[0].dtype, "device": qs[0].device}
+        q = torch.zeros(b, hq, t, d, **like)
+        k = torch.full((b, hkv, t, d), float("nan"), **like)  # padding must never leak
+        v = torch.full((b, hkv, t, d), float("nan"), **like)
         for i in range(b):
             q[i, :, : lens[i]] = qs[i][:, pos[i] : pos[i] + lens[i]]
             k[i, :, : lens[i]] = ks[i][:, pos[i] : pos[i] + lens[i]]

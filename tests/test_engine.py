@@ -21,17 +21,21 @@ CHUNKINGS = [1, 3, 7, 64, 40, "random"]  # 40 > window (16); 64 > window; random
 ROPES = [pytest.param(None, id="norope"), pytest.param(sa.RoPE(D, 10000.0), id="rope")]
 
 
+def engine_matrix(test):
+    """policies x positions x rope x heads x chunkings, shared by the single and batched tests."""
+    axes = [("policy", POLICIES), ("positions", POSITIONS), ("rope", ROPES), ("heads", HEADS), ("chunking", CHUNKINGS)]
+    for name, values in reversed(axes):
+        test = pytest.mark.parametrize(name, values, ids=str if name == "chunking" else None)(test)
+    return test
+
+
 @functools.cache
 def _reference(policy, positions, rope, heads, b, seed, t_total):
     q, k, v = make_qkv(b, *heads, t_total, D, torch.float64, seed=seed)
     return reference.attention(q, k, v, policy, rope=rope, positions=positions)
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS, ids=str)
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("rope", ROPES)
-@pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("policy", POLICIES)
+@engine_matrix
 def test_single_stream_matches_reference(policy, positions, rope, heads, chunking):
     q, k, v = make_qkv(1, *heads, T_TOTAL, D, torch.float32, seed=1)
     attn = sa.StreamingAttention(policy=policy, rope=rope, positions=positions)
@@ -40,11 +44,7 @@ def test_single_stream_matches_reference(policy, positions, rope, heads, chunkin
     assert max_err(out, want) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS, ids=str)
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("rope", ROPES)
-@pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("policy", POLICIES)
+@engine_matrix
 def test_ragged_batch_equals_each_stream_alone(policy, positions, rope, heads, chunking):
     """Three streams of different lengths and chunkings in one batch; padding is NaN and never leaks."""
     lengths = [T_TOTAL, 57, 23]

@@ -156,7 +156,7 @@ class SinkWindowEngine:
         two slot writes, in cache mode an S-row sink refresh (matmul + write), then one SDPA over the
         buffer's filled prefix (or the whole buffer with a mask when streams are at different fills).
         """
-        if self.rope is not None:
+        if self.rope is not None and max(st.seen) - min(st.base) >= self.rebase_every:  # cheap pre-check
             self._maybe_rebase(st, 1)
         bsz, hq, _, d = q.shape
         hkv = k.shape[1]

@@ -64,12 +64,14 @@ class RoPE:
         """
         h = self.head_dim // 2
         angles = positions.to(torch.float64)[..., None] * self.inv_freq(positions.device)
-        cos, sin = angles.cos(), angles.sin()
-        m = torch.zeros(*positions.shape, self.head_dim, self.head_dim, dtype=torch.float64, device=positions.device)
-        m.diagonal(dim1=-2, dim2=-1).copy_(torch.cat((cos, cos), dim=-1))
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # fp64 angles, then cast
+        m = torch.zeros(*positions.shape, self.head_dim, self.head_dim, dtype=dtype, device=positions.device)
+        diag = m.diagonal(dim1=-2, dim2=-1)
+        diag[..., :h].copy_(cos)
+        diag[..., h:].copy_(cos)
         m.diagonal(offset=h, dim1=-2, dim2=-1).copy_(sin)  # out[h+i] += x[i] * sin_i
         m.diagonal(offset=-h, dim1=-2, dim2=-1).copy_(-sin)  # out[i]   -= x[h+i] * sin_i
-        return m.to(dtype)
+        return m
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
