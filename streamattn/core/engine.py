@@ -195,7 +195,7 @@ class SinkWindowEngine:
         mask = None
         keys, values = st.k, st.v
         if uniform:
-            filled = self._filled(n[0])
+            filled = self.filled(n[0])
             if filled < keys.shape[2]:
                 keys, values = keys.narrow(2, 0, filled), values.narrow(2, 0, filled)
         else:
@@ -207,7 +207,7 @@ class SinkWindowEngine:
         st.seen = n
         return out.reshape(bsz, hq, 1, d)
 
-    def _filled(self, n: int) -> int:
+    def filled(self, n: int) -> int:
         """Length of the buffer prefix in use after ``n`` tokens (slots fill in order)."""
         if n <= self.sinks:
             return n
@@ -218,11 +218,12 @@ class SinkWindowEngine:
         """Sink bookkeeping of a decode step when streams differ or one is still writing sinks."""
         s, anchor = self.sinks, self.anchor
         cdt = m.dtype
+        new = [b for b, t in enumerate(st.seen) if t < s]  # streams whose token is a sink
+        if new:
+            rows = torch.tensor(new, device=st.device)
+            self._keep_sinks(st, rows, torch.tensor([st.seen[b] for b in new], device=st.device), k_raw[rows, :, 0])
         for b, t in enumerate(st.seen):
-            if t < s:  # this token is a sink: keep it rotated at j - anchor
-                pos = torch.tensor(t - anchor, device=st.device)
-                st.sink_k[b, :, t] = self.rope.rotate(k_raw[b, :, 0].to(cdt), pos).to(st.dtype)
-            elif self.cache_mode and t >= anchor:  # past the fill: sinks follow the query
+            if self.cache_mode and t >= anchor:  # past the fill (anchor >= S): sinks follow the query
                 mb = m if m.dim() == 2 else m[b, 0]
                 st.k[b, :, :s] = torch.matmul(st.sink_k[b].to(cdt), mb).to(st.dtype)
 
@@ -314,7 +315,11 @@ class SinkWindowEngine:
         st.v[b_idx, :, sl] = v.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
         if st.sink_k is not None and any(t < s and c > 0 for t, c in zip(st.seen, n, strict=True)):
             b_idx, i_idx = (valid & (qpos < s)).nonzero(as_tuple=True)
-            j = qpos[b_idx, i_idx]
-            rows = self.rope.rotate(k_raw.transpose(1, 2)[b_idx, i_idx], (j - self.anchor)[:, None])
-            st.sink_k[b_idx, :, j] = rows.to(st.dtype)
+            self._keep_sinks(st, b_idx, qpos[b_idx, i_idx], k_raw.transpose(1, 2)[b_idx, i_idx])
         st.seen = [t + c for t, c in zip(st.seen, n, strict=True)]
+
+    def _keep_sinks(self, st: StreamState, b_idx: torch.Tensor, j: torch.Tensor, raw: torch.Tensor) -> None:
+        """Store sink keys ``raw [N, Hkv, D]`` (un-rotated) of streams ``b_idx`` at indices ``j``,
+        rotated at ``j - anchor``: the frame both paths score sinks in."""
+        rotated = self.rope.rotate(raw.to(self._compute_dtype(raw.dtype)), (j - self.anchor)[:, None])
+        st.sink_k[b_idx, :, j] = rotated.to(st.dtype)

@@ -100,7 +100,7 @@ class StreamingAttention(nn.Module):
     @property
     def cached(self) -> list[int]:
         """Keys currently held per stream (bounded by ``sinks + window`` for ``SinkWindow``)."""
-        return [self.engine._filled(n) for n in self.seen]
+        return [self.engine.filled(n) for n in self.seen]
 
     def extra_repr(self) -> str:
         return f"policy={self.policy}, rope={self.rope}, positions={self.positions!r}, scale={self.scale}"
@@ -113,16 +113,12 @@ class StreamingAttention(nn.Module):
         of the last call that passed every check against the same state, the checks below would
         pass again, so the comparison of that signature is all that runs.
         """
-        if lengths is None and self.state is not None and isinstance(q, torch.Tensor):
-            try:
-                signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
-            except AttributeError:  # k or v not a tensor: the full checks say so
-                signature = None
-            if signature == self._checked:
-                return [q.shape[2]] * q.shape[0]
+        signature = _signature(q, k, v) if lengths is None and self.state is not None else None
+        if signature is not None and signature == self._checked:
+            return [q.shape[2]] * q.shape[0]
         counts = self._check_all(q, k, v, lengths)
-        if lengths is None and self.state is not None:
-            self._checked = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+        if signature is not None:
+            self._checked = signature
         return counts
 
     def _check_all(self, q, k, v, lengths) -> list[int]:
@@ -234,6 +230,13 @@ class StreamingAttention(nn.Module):
         return StreamState(
             k=k.clone(), v=v.clone(), sink_k=None if sink_k is None else sink_k.clone(), seen=seen, base=base
         )
+
+
+def _signature(q: Any, k: Any, v: Any) -> tuple | None:
+    """Shapes, dtypes and devices of the inputs (None unless all three are tensors)."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
 
 
 def _check_lengths(lengths: Any, b: int, t: int) -> list[int]:
