@@ -137,3 +137,18 @@ def test_malformed_state_is_refused(corrupt):
     with pytest.raises(ValueError):
         attn.load_state_dict(corrupt(_fed().state_dict()))
     assert _same(_snapshot(attn), before)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_inputs_requiring_grad_are_refused_unless_grad_is_off(which):
+    attn = sa.StreamingAttention(sa.SinkWindow(sinks=2, window=4), sa.RoPE(D))
+    attn(*_good())
+    before = _snapshot(attn)
+    args = list(_good(seed=5))
+    args[which] = args[which].requires_grad_()
+    with pytest.raises(ValueError, match="inference operator"):
+        attn(*args)
+    assert _same(_snapshot(attn), before)
+    with torch.no_grad():  # the supported way
+        out = attn(*args)
+    assert not out.requires_grad and not attn.state.k.requires_grad

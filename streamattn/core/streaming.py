@@ -113,6 +113,12 @@ class StreamingAttention(nn.Module):
         of the last call that passed every check against the same state, the checks below would
         pass again, so the comparison of that signature is all that runs.
         """
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v)):
+            raise ValueError(
+                "StreamingAttention is an inference operator: its state is updated in place and carries no "
+                "gradient, so autograd would chain every step into one growing graph. Call it under "
+                "torch.no_grad() or torch.inference_mode(); to train with the same mask use streamattn.masks."
+            )
         signature = _signature(q, k, v) if lengths is None and self.state is not None else None
         if signature is not None and signature == self._checked:
             return [q.shape[2]] * q.shape[0]
