@@ -119,3 +119,17 @@ def test_cache_is_bounded_and_reported():
     stream(attn, q, k, v, chunk_sizes(7, 100))
     assert attn.cached == [20] and attn.seen == [100]
     assert attn.state.k.shape[2] == 20
+
+
+@pytest.mark.parametrize("chunking", [1, 7, "random"], ids=str)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_non_contiguous_inputs(positions, chunking):
+    """Views such as transformers' [B, T, H, D] -> [B, H, T, D] transposes give the same outputs."""
+    policy, rope = sa.SinkWindow(sinks=3, window=16), sa.RoPE(D, 10000.0)
+    q, k, v = make_qkv(2, 9, 3, T_TOTAL, D, torch.float32, seed=8)
+    sizes = chunk_sizes(chunking, T_TOTAL)
+    want = stream(sa.StreamingAttention(policy, rope, positions), q, k, v, sizes)
+    qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))  # same values, [B, T, H, D] memory
+    assert not qt.is_contiguous()
+    got = stream(sa.StreamingAttention(policy, rope, positions), qt, kt, vt, sizes)
+    assert max_err(got, want) < 1e-6

@@ -291,7 +291,7 @@ class SinkWindowEngine:
             keys[:, :, :s] = 0
             qs = self.rope.rotate(q, (qpos.clamp_max(self.anchor) - self.anchor)[:, None])  # [B, Hq, T, D]
             g = hq // hkv
-            sink_scores = qs.view(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)  # [B, Hkv, G*T, S]
+            sink_scores = qs.reshape(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)  # [B, Hkv, G*T, S]
             zero, minus_inf = (
                 torch.zeros((), dtype=cdt, device=dev),
                 torch.full((), float("-inf"), dtype=cdt, device=dev),
