@@ -1,0 +1,124 @@
+"""``StreamingCache``: a transformers ``Cache`` whose layers are streamattn engines.
+
+How it plugs in (transformers 5.x extension points only):
+
+- each decoder layer's cache is a ``StreamingLayer`` (``CacheLayerMixin``). Its ``update()`` does not
+  concatenate anything: it hands the new keys/values to the ``"streamattn"`` attention function;
+- ``"streamattn"`` is registered in ``AttentionInterface``; ``StreamingCache`` switches the model to
+  it with ``model.set_attn_implementation("streamattn")``. It is not in the mask registry, so
+  transformers skips building masks (the engine knows its own visibility);
+- positions: the model rotates q/k at its ``position_ids`` before the cache sees them. The
+  attention function undoes that rotation with the model's own cos/sin (so any fp32 error in them
+  cancels) and the engine applies exact positions itself. ``Stream`` feeds ``position_ids = 0``,
+  which makes the model's rotation the identity.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+import streamattn as sa
+
+ATTN_IMPLEMENTATION = "streamattn"
+_PENDING: contextvars.ContextVar[StreamingLayer | None] = contextvars.ContextVar("streamattn_pending", default=None)
+
+
+def rope_from_config(config) -> sa.RoPE:
+    """The model's RoPE as a ``streamattn.RoPE``; a clear error for what is not supported."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError(f"{config.model_type}: no RoPE in its config; streamattn streams RoPE decoder models only")
+    if rope_type != "default":
+        raise NotImplementedError(f"{config.model_type}: rope_type {rope_type!r} is not supported yet (only 'default')")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    if rotary != head_dim:
+        raise NotImplementedError(
+            f"{config.model_type}: partial rotary ({rotary} of {head_dim} dims) is not supported yet"
+        )
+    return sa.RoPE(head_dim=head_dim, theta=float(theta))
+
+
+class StreamingLayer(CacheLayerMixin):
+    """One decoder layer's streams: a ``StreamingAttention`` whose state is this layer's cache."""
+
+    def __init__(self, attn: sa.StreamingAttention, cache: StreamingCache) -> None:
+        super().__init__()
+        self.attn, self.cache = attn, cache
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.pending = (key_states, value_states)  # consumed by the "streamattn" attention function
+        _PENDING.set(self)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return max(self.attn.seen, default=0)
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return query_length + max(self.attn.cached, default=0), 0
+
+    def get_max_length(self) -> int:
+        capacity = self.attn.policy.capacity
+        return -1 if capacity is None else capacity
+
+
+class StreamingCache(Cache):
+    """Streams every layer of ``model`` with ``policy`` (positions default to StreamingLLM's)."""
+
+    def __init__(self, model, policy: sa.Policy | None = None, positions: str = "cache") -> None:
+        config = model.config.get_text_config()
+        self.rope = rope_from_config(config)
+        self.policy = sa.SinkWindow() if policy is None else policy
+        layers = [
+            StreamingLayer(sa.StreamingAttention(self.policy, self.rope, positions), self)
+            for _ in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        self.rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+        if self.rotary is None:
+            raise ValueError(f"{type(model).__name__}: no rotary embedding module found; RoPE models only")
+        self._unrotation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def unrotate(self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
+        """Undo the model's RoPE with its own cos/sin (computed once per forward, shared by layers)."""
+        if position_ids is None:
+            raise ValueError("the 'streamattn' attention function needs position_ids from the model")
+        cached = self._unrotation
+        if cached is None or cached[0] is not position_ids:
+            cos, sin = self.rotary(query, position_ids)  # [B, T, D], exactly what the model applied
+            self._unrotation = cached = (position_ids, cos[:, None], sin[:, None])
+        _, cos, sin = cached
+        return sa.core.apply_rotary(query, cos, -sin), sa.core.apply_rotary(key, cos, -sin)
+
+
+def streamattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: the streamattn engine of the layer that was just updated."""
+    layer = _PENDING.get()
+    if layer is None or layer.pending is None or layer.pending[0] is not key:
+        raise RuntimeError(
+            "attention implementation 'streamattn' runs only with a StreamingCache as past_key_values "
+            "(pass past_key_values=StreamingCache(model, ...) or use streamattn.hf.Stream)"
+        )
+    layer.pending = None
+    if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5, rel_tol=1e-6):
+        raise NotImplementedError(f"attention scaling {scaling} != 1/sqrt(head_dim) is not supported yet")
+    if dropout:
+        raise NotImplementedError("streamattn is an inference operator: attention dropout must be 0")
+    q, k = layer.cache.unrotate(query, key, kwargs.get("position_ids"))
+    out = layer.attn(q, k, value)  # [B, Hq, T, D]
+    return out.transpose(1, 2).contiguous(), None  # transformers expects [B, T, H, D]
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, streamattn_attention)

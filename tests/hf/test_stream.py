@@ -1,0 +1,83 @@
+"""Real-model streaming with SmolLM2: exact for any chunking, equal to transformers without eviction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import streamattn as sa
+from streamattn.hf import Stream, StreamingCache, rope_from_config
+
+TOL = 1e-4  # fp32 log-probs
+
+
+def plain_logprobs(model, ids):
+    """What transformers' own forward (SDPA, full cache) gives for each token, NaN for the first."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
+    return torch.cat((torch.tensor([float("nan")]), logprobs[:-1].gather(1, ids[1:, None])[:, 0]))
+
+
+def test_without_eviction_equals_transformers(smollm2, fresh_model, emma_ids):
+    ids = emma_ids[:200]
+    want = plain_logprobs(smollm2[0], ids)  # smollm2 itself is never switched to streaming
+    got = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=1020), chunk_size=64).feed(ids)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    assert (got[1:] - want[1:]).abs().max().item() < TOL
+
+
+def test_any_chunking_equals_token_by_token_with_eviction(smollm2, fresh_model, emma_ids):
+    ids = emma_ids[:120]
+    policy = sa.SinkWindow(sinks=4, window=32)  # evicts from token 36 on
+    by_token = Stream(fresh_model, policy=policy, chunk_size=1).feed(ids)
+    for size in (7, 64, 120):  # 64 > window; 120 = the whole text at once
+        chunked = Stream(fresh_model, policy=policy, chunk_size=size).feed(ids)
+        assert (chunked[1:] - by_token[1:]).abs().max().item() < TOL, size
+    split = Stream(fresh_model, policy=policy, chunk_size=50)  # several feeds == one feed
+    parts = torch.cat([split.feed(ids[:13]), split.feed(ids[13:77]), split.feed(ids[77:])])
+    assert (parts[1:] - by_token[1:]).abs().max().item() < TOL
+    assert split.seen == 120 and split.cache.layers[0].attn.cached == [36]
+
+
+def test_text_and_ids_give_the_same_scores(smollm2, fresh_model):
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+    ids = torch.tensor(smollm2[1](text, add_special_tokens=False).input_ids)
+    a = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=8)).feed(text)
+    b = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=8)).feed(ids)
+    assert torch.equal(a[1:], b[1:])
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ("", ValueError, "empty"),
+        (torch.tensor([], dtype=torch.long), ValueError, "empty"),
+        (torch.tensor([1.0, 2.0]), TypeError, "int64/int32"),
+        (torch.tensor([[1, 2]]), TypeError, "1-D"),
+        (torch.tensor([1, 10**7]), ValueError, "token ids must be in"),
+        (3.5, TypeError, "str or a 1-D LongTensor"),
+    ],
+)
+def test_bad_feed_raises_and_keeps_the_stream(smollm2, fresh_model, bad, error, match):
+    stream = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=2, window=8))
+    first = stream.feed("Emma Woodhouse, handsome")
+    with pytest.raises(error, match=match):
+        stream.feed(bad)
+    twin = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=2, window=8))
+    twin.feed("Emma Woodhouse, handsome")
+    assert stream.seen == twin.seen == first.numel()
+    assert torch.equal(stream.feed(", clever, and rich"), twin.feed(", clever, and rich"))
+
+
+def test_streaming_model_needs_a_streaming_cache(smollm2, fresh_model):
+    StreamingCache(fresh_model, sa.SinkWindow(sinks=4, window=16))
+    with pytest.raises(RuntimeError, match="StreamingCache"), torch.no_grad():
+        fresh_model(torch.tensor([[1, 2, 3]]))
+
+
+def test_unsupported_rope_is_a_clear_error(smollm2):
+    config = smollm2[0].config.__class__.from_dict(smollm2[0].config.to_dict())
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e5, "factor": 4.0}
+    with pytest.raises(NotImplementedError, match="yarn"):
+        rope_from_config(config)
+    assert rope_from_config(smollm2[0].config) == sa.RoPE(head_dim=64, theta=1e5)
