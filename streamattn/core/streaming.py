@@ -189,13 +189,17 @@ class StreamingAttention(nn.Module):
         self.state = self._parse_state(extra)  # validated completely before anything is replaced
         self._checked = None
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` would load into this operator; changes nothing."""
         if not isinstance(state_dict, Mapping) or "_extra_state" not in state_dict:
             raise ValueError(
                 "expected a dict from StreamingAttention.state_dict() (with key '_extra_state'), "
                 f"got {type(state_dict).__name__} with keys {list(state_dict)[:5] if isinstance(state_dict, Mapping) else '-'}"
             )
-        self._parse_state(state_dict["_extra_state"])  # raise ValueError before torch touches anything
+        self._parse_state(state_dict["_extra_state"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        self.check_state_dict(state_dict)  # raise ValueError before torch touches anything
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _parse_state(self, extra: Any) -> StreamState | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 import streamattn as sa
@@ -22,8 +24,10 @@ class Stream:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
         self.cache = StreamingCache(model, policy, positions)
+        self.positions = positions
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._next_logprobs: torch.Tensor | None = None  # [V] after the last fed token
+        self.last_generated: list[int] = []  # token ids of the last generate() call
 
     @property
     def seen(self) -> int:
@@ -65,3 +69,83 @@ class Stream:
             scores[start + 1 : start + chunk.numel()] = logprobs[:-1].gather(1, chunk[1:, None])[:, 0].cpu()
             self._next_logprobs = logprobs[-1]
         return scores
+
+    @torch.no_grad()
+    def generate(
+        self, max_new_tokens: int = 64, temperature: float = 0.0, *, seed: int | None = None, stop_at_eos: bool = True
+    ) -> Iterator[str]:
+        """Continue the stream, yielding text as it is produced (greedy when ``temperature == 0``).
+
+        Each new token is fed back exactly like a fed token, so the stream afterwards is the same as
+        if the prompt and the generated text had been fed.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if self._next_logprobs is None:
+            raise ValueError("nothing to continue: feed a prompt first")
+        if self.tokenizer is None:
+            raise ValueError("generating text needs a tokenizer: Stream(model, tokenizer, ...)")
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        text = ""
+        for _ in range(max_new_tokens):
+            logprobs = self._next_logprobs.cpu()
+            if temperature == 0:
+                token = int(logprobs.argmax())
+            else:
+                token = int(torch.multinomial(torch.softmax(logprobs / temperature, dim=-1), 1, generator=generator))
+            self.feed(torch.tensor([token]))
+            new.append(token)
+            full = self.tokenizer.decode(new, skip_special_tokens=True)
+            if len(full) > len(text) and not full.endswith("\ufffd"):  # wait for whole characters
+                yield full[len(text) :]
+                text = full
+            if stop_at_eos and token == eos:
+                break
+        self.last_generated = new
+
+    # ------------------------------------------------------------------ save / restore
+    def state_dict(self) -> dict:
+        """The whole stream (every layer's cache and the next-token distribution) as plain data."""
+        return {
+            "format": _FORMAT,
+            "config": self._config(),
+            "layers": [layer.attn.state_dict() for layer in self.cache.layers],
+            "next_logprobs": None if self._next_logprobs is None else self._next_logprobs.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume a stream saved by ``state_dict`` (also in another process); all or nothing."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"not a Stream state (expected format {_FORMAT!r})")
+        if state.get("config") != self._config():
+            raise ValueError(f"stream state from another configuration: {state.get('config')} != ours {self._config()}")
+        layers, next_logprobs = state.get("layers"), state.get("next_logprobs")
+        if not isinstance(layers, list) or len(layers) != len(self.cache.layers):
+            raise ValueError(
+                f"stream state has {len(layers) if isinstance(layers, list) else '?'} layers, model has {len(self.cache.layers)}"
+            )
+        if next_logprobs is not None and (
+            not isinstance(next_logprobs, torch.Tensor) or next_logprobs.shape != (self.vocab_size,)
+        ):
+            raise ValueError("stream state: next_logprobs must be None or a [vocab] tensor")
+        for layer, saved in zip(self.cache.layers, layers, strict=True):
+            layer.attn.check_state_dict(saved)  # every layer validated before any is replaced
+        for layer, saved in zip(self.cache.layers, layers, strict=True):
+            layer.attn.load_state_dict(saved)
+        self._next_logprobs = None if next_logprobs is None else next_logprobs.clone()
+
+    def _config(self) -> dict:
+        config = self.model.config.get_text_config()
+        return {
+            "policy": self.cache.policy.to_config(),
+            "positions": self.positions,
+            "rope": self.cache.rope.to_config(),
+            "model": {"type": config.model_type, "layers": config.num_hidden_layers, "vocab": self.vocab_size},
+        }
+
+
+_FORMAT = "streamattn.hf.Stream/1"

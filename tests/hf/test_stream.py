@@ -81,3 +81,70 @@ def test_unsupported_rope_is_a_clear_error(smollm2):
     with pytest.raises(NotImplementedError, match="yarn"):
         rope_from_config(config)
     assert rope_from_config(smollm2[0].config) == sa.RoPE(head_dim=64, theta=1e5)
+
+
+def _prompt(tokenizer, text="Name three novels by Jane Austen."):
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def test_generate_equals_transformers_greedy(smollm2, fresh_model):
+    plain, tokenizer = smollm2
+    inputs = _prompt(tokenizer)
+    with torch.no_grad():
+        want = plain.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    stream = Stream(fresh_model, tokenizer, sa.SinkWindow(sinks=4, window=1020))
+    stream.feed(inputs["input_ids"][0])
+    text = "".join(stream.generate(max_new_tokens=16))
+    assert stream.last_generated == want.tolist()
+    assert text == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_generated_tokens_are_appended_like_fed_ones(smollm2, fresh_model):
+    _, tokenizer = smollm2
+    prompt = _prompt(tokenizer)["input_ids"][0]
+    policy = sa.SinkWindow(sinks=4, window=16)  # the prompt alone overflows it: generation runs evicting
+    talker = Stream(fresh_model, tokenizer, policy)
+    talker.feed(prompt)
+    list(talker.generate(max_new_tokens=10, temperature=0.8, seed=0))
+    reader = Stream(fresh_model, tokenizer, policy, chunk_size=7)
+    reader.feed(torch.cat((prompt, torch.tensor(talker.last_generated))))
+    assert talker.seen == reader.seen == prompt.numel() + 10
+    assert (talker._next_logprobs - reader._next_logprobs).abs().max().item() < TOL
+
+
+def test_state_dict_round_trip_continues_bitwise(smollm2, fresh_model, emma_ids, tmp_path):
+    policy = sa.SinkWindow(sinks=4, window=24)
+    stream = Stream(fresh_model, smollm2[1], policy, chunk_size=16)
+    stream.feed(emma_ids[:50])
+    torch.save(stream.state_dict(), tmp_path / "stream.pt")
+    restarted = Stream(fresh_model, smollm2[1], policy, chunk_size=16)  # a new stream (cache) on the model
+    restarted.load_state_dict(torch.load(tmp_path / "stream.pt", weights_only=True))
+    assert restarted.seen == 50
+    assert torch.equal(restarted.feed(emma_ids[50:90]), stream.feed(emma_ids[50:90]))
+    assert list(restarted.generate(max_new_tokens=5)) == list(stream.generate(max_new_tokens=5))
+
+
+def test_state_from_another_stream_configuration_is_refused(smollm2, fresh_model, emma_ids):
+    stream = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=24))
+    stream.feed(emma_ids[:30])
+    other = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=32))
+    other.feed(emma_ids[:10])
+    with pytest.raises(ValueError, match="another configuration"):
+        other.load_state_dict(stream.state_dict())
+    broken = stream.state_dict()
+    broken["layers"][-1] = {"_extra_state": {"format": "nonsense"}}
+    with pytest.raises(ValueError):
+        stream.load_state_dict(broken)  # the last layer is bad: no layer may have been replaced
+    assert stream.seen == 30 and all(layer.attn.seen == [30] for layer in stream.cache.layers)
+
+
+def test_generate_bad_arguments(smollm2, fresh_model):
+    stream = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=24))
+    with pytest.raises(ValueError, match="feed a prompt first"):
+        next(stream.generate(4))
+    stream.feed("Emma")
+    with pytest.raises(ValueError, match="temperature"):
+        next(stream.generate(4, temperature=-1.0))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(stream.generate(-1))
