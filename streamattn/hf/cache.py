@@ -89,6 +89,7 @@ class StreamingCache(Cache):
         if self.rotary is None:
             raise ValueError(f"{type(model).__name__}: no rotary embedding module found; RoPE models only")
         self._unrotation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.lengths: list[int] | None = None  # valid tokens per stream of the current forward (ragged batches)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def unrotate(self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
@@ -117,7 +118,7 @@ def streamattn_attention(module, query, key, value, attention_mask, scaling=None
     if dropout:
         raise NotImplementedError("streamattn is an inference operator: attention dropout must be 0")
     q, k = layer.cache.unrotate(query, key, kwargs.get("position_ids"))
-    out = layer.attn(q, k, value)  # [B, Hq, T, D]
+    out = layer.attn(q, k, value, lengths=layer.cache.lengths)  # [B, Hq, T, D]; padding never enters the state
     return out.transpose(1, 2).contiguous(), None  # transformers expects [B, T, H, D]
 
 

@@ -26,14 +26,24 @@ class Stream:
         self.cache = StreamingCache(model, policy, positions)
         self.positions = positions
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self._next_logprobs: torch.Tensor | None = None  # [V] after the last fed token
+        self._batch: int | None = None  # streams held, fixed by the first feed
+        self._next: list[torch.Tensor | None] | None = None  # per stream: log-probs [V] after its last token
         self.last_generated: list[int] = []  # token ids of the last generate() call
 
     @property
-    def seen(self) -> int:
-        return self.cache.get_seq_length()
+    def seen(self) -> int | list[int]:
+        """Tokens consumed: an int for a single stream, one int per stream for a batch."""
+        seen = self.cache.layers[0].attn.seen or [0]
+        return seen[0] if self._batch in (None, 1) else seen
 
-    def _ids(self, data) -> torch.Tensor:
+    @property
+    def next_logprobs(self) -> torch.Tensor | list[torch.Tensor | None] | None:
+        """Log-probabilities ``[V]`` of the next token after everything fed (one per stream for a batch)."""
+        if self._next is None:
+            return None
+        return self._next[0] if self._batch == 1 else list(self._next)
+
+    def _ids(self, data, allow_empty: bool = False) -> torch.Tensor:
         if isinstance(data, str):
             if self.tokenizer is None:
                 raise ValueError("feeding text needs a tokenizer: Stream(model, tokenizer, ...)")
@@ -43,32 +53,61 @@ class Stream:
                 raise TypeError(f"token ids must be a 1-D int64/int32 tensor, got {data.dtype} {tuple(data.shape)}")
             ids = data.to(torch.long)
         else:
-            raise TypeError(f"feed takes a str or a 1-D LongTensor of token ids, got {type(data).__name__}")
+            raise TypeError(
+                f"feed takes a str or a 1-D LongTensor of token ids (or a list of them), got {type(data).__name__}"
+            )
         if ids.numel() == 0:
+            if allow_empty:
+                return ids
             raise ValueError("nothing to feed: the text or id tensor is empty")
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
         return ids
 
     @torch.no_grad()
-    def feed(self, data) -> torch.Tensor:
-        ids = self._ids(data)  # validated before anything runs: a bad call leaves the stream as it was
+    def feed(self, data) -> torch.Tensor | list[torch.Tensor]:
+        """Feed one stream (a str or 1-D id tensor) or a batch (a list with one entry per stream,
+        ragged, entries may be empty). Returns each fed token's log-probability given everything
+        before it in its stream (``NaN`` for a stream's very first token): a ``[T]`` tensor, or a
+        list of them for a batch. Bad input is refused before the model runs.
+        """
+        batched = isinstance(data, (list, tuple))
+        items = [self._ids(x, allow_empty=True) for x in data] if batched else [self._ids(data)]
+        if batched and not any(x.numel() for x in items):
+            raise ValueError("nothing to feed: every entry of the batch is empty")
+        if self._batch is not None and len(items) != self._batch:
+            raise ValueError(f"this Stream holds {self._batch} streams; got {len(items)} inputs (one per stream)")
+        self._batch = len(items)
+        lengths = [x.numel() for x in items]
+        ids = torch.zeros(len(items), max(lengths), dtype=torch.long)  # right padding, never attended
+        for b, x in enumerate(items):
+            ids[b, : x.numel()] = x
         device = self.model.get_output_embeddings().weight.device
-        scores = torch.empty(ids.numel(), dtype=torch.float32)
-        for start in range(0, ids.numel(), self.chunk_size):
-            chunk = ids[start : start + self.chunk_size].to(device)
-            out = self.model(
-                input_ids=chunk[None],
-                position_ids=torch.zeros_like(chunk)[None],  # the engine owns positions
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # [T, V]
-            first = float("nan") if self._next_logprobs is None else self._next_logprobs[chunk[0]].item()
-            scores[start] = first
-            scores[start + 1 : start + chunk.numel()] = logprobs[:-1].gather(1, chunk[1:, None])[:, 0].cpu()
-            self._next_logprobs = logprobs[-1]
-        return scores
+        scores = [torch.empty(n, dtype=torch.float32) for n in lengths]
+        if self._next is None:
+            self._next = [None] * len(items)
+        for start in range(0, ids.shape[1], self.chunk_size):
+            counts = [min(max(n - start, 0), self.chunk_size) for n in lengths]
+            chunk = ids[:, start : start + max(counts)].to(device)
+            self.cache.lengths = None if min(counts) == chunk.shape[1] else counts
+            try:
+                out = self.model(
+                    input_ids=chunk,
+                    position_ids=torch.zeros_like(chunk),  # the engine owns positions
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
+            finally:
+                self.cache.lengths = None
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
+            for b, n in enumerate(counts):
+                if n == 0:
+                    continue
+                row = chunk[b, :n]
+                scores[b][start] = float("nan") if self._next[b] is None else self._next[b][row[0]].item()
+                scores[b][start + 1 : start + n] = logprobs[b, : n - 1].gather(1, row[1:, None])[:, 0].cpu()
+                self._next[b] = logprobs[b, n - 1]
+        return scores if batched else scores[0]
 
     @torch.no_grad()
     def generate(
@@ -83,7 +122,9 @@ class Stream:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if self._next_logprobs is None:
+        if self._batch not in (None, 1):
+            raise ValueError(f"generate() continues a single stream; this Stream holds {self._batch}")
+        if self._next is None or self._next[0] is None:
             raise ValueError("nothing to continue: feed a prompt first")
         if self.tokenizer is None:
             raise ValueError("generating text needs a tokenizer: Stream(model, tokenizer, ...)")
@@ -92,7 +133,7 @@ class Stream:
         new: list[int] = []
         text = ""
         for _ in range(max_new_tokens):
-            logprobs = self._next_logprobs.cpu()
+            logprobs = self._next[0].cpu()
             if temperature == 0:
                 token = int(logprobs.argmax())
             else:
@@ -114,7 +155,8 @@ class Stream:
             "format": _FORMAT,
             "config": self._config(),
             "layers": [layer.attn.state_dict() for layer in self.cache.layers],
-            "next_logprobs": None if self._next_logprobs is None else self._next_logprobs.clone(),
+            "batch": self._batch,
+            "next_logprobs": None if self._next is None else [None if x is None else x.clone() for x in self._next],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -123,20 +165,23 @@ class Stream:
             raise ValueError(f"not a Stream state (expected format {_FORMAT!r})")
         if state.get("config") != self._config():
             raise ValueError(f"stream state from another configuration: {state.get('config')} != ours {self._config()}")
-        layers, next_logprobs = state.get("layers"), state.get("next_logprobs")
+        layers, batch, next_logprobs = state.get("layers"), state.get("batch"), state.get("next_logprobs")
         if not isinstance(layers, list) or len(layers) != len(self.cache.layers):
             raise ValueError(
                 f"stream state has {len(layers) if isinstance(layers, list) else '?'} layers, model has {len(self.cache.layers)}"
             )
-        if next_logprobs is not None and (
-            not isinstance(next_logprobs, torch.Tensor) or next_logprobs.shape != (self.vocab_size,)
+        if next_logprobs is not None and not (
+            isinstance(next_logprobs, list)
+            and len(next_logprobs) == batch
+            and all(x is None or (isinstance(x, torch.Tensor) and x.shape == (self.vocab_size,)) for x in next_logprobs)
         ):
-            raise ValueError("stream state: next_logprobs must be None or a [vocab] tensor")
+            raise ValueError("stream state: next_logprobs must be None or one [vocab] tensor (or None) per stream")
         for layer, saved in zip(self.cache.layers, layers, strict=True):
             layer.attn.check_state_dict(saved)  # every layer validated before any is replaced
         for layer, saved in zip(self.cache.layers, layers, strict=True):
             layer.attn.load_state_dict(saved)
-        self._next_logprobs = None if next_logprobs is None else next_logprobs.clone()
+        self._batch = batch
+        self._next = None if next_logprobs is None else [None if x is None else x.clone() for x in next_logprobs]
 
     def _config(self) -> dict:
         config = self.model.config.get_text_config()

@@ -110,7 +110,7 @@ def test_generated_tokens_are_appended_like_fed_ones(smollm2, fresh_model):
     reader = Stream(fresh_model, tokenizer, policy, chunk_size=7)
     reader.feed(torch.cat((prompt, torch.tensor(talker.last_generated))))
     assert talker.seen == reader.seen == prompt.numel() + 10
-    assert (talker._next_logprobs - reader._next_logprobs).abs().max().item() < TOL
+    assert (talker.next_logprobs - reader.next_logprobs).abs().max().item() < TOL
 
 
 def test_state_dict_round_trip_continues_bitwise(smollm2, fresh_model, emma_ids, tmp_path):
@@ -148,3 +148,21 @@ def test_generate_bad_arguments(smollm2, fresh_model):
         next(stream.generate(4, temperature=-1.0))
     with pytest.raises(ValueError, match="max_new_tokens"):
         next(stream.generate(-1))
+
+
+def test_batched_streams_equal_each_stream_alone(smollm2, fresh_model, emma_ids):
+    """Three ragged streams fed together (with an empty entry on the way) == each fed alone."""
+    policy = sa.SinkWindow(sinks=4, window=24)
+    texts = [emma_ids[:70], emma_ids[100:133], emma_ids[200:251]]
+    alone = [Stream(fresh_model, policy=policy, chunk_size=16).feed(x) for x in texts]
+    batch = Stream(fresh_model, policy=policy, chunk_size=16)
+    first = batch.feed([texts[0][:40], texts[1][:5], torch.tensor([], dtype=torch.long)])
+    second = batch.feed([texts[0][40:], texts[1][5:], texts[2]])
+    assert batch.seen == [70, 33, 51]
+    got = [torch.cat((first[0], second[0])), torch.cat((first[1], second[1])), second[2]]
+    for mine, want in zip(got, alone, strict=True):
+        assert torch.isnan(mine[0]) and (mine[1:] - want[1:]).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="holds 3 streams"):
+        batch.feed([texts[0]])
+    with pytest.raises(ValueError, match="single stream"):
+        next(batch.generate(2))
