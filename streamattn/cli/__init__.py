@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli import engine_demo
+from streamattn.cli import engine_demo, stream
 
-COMMANDS = {"engine-demo": engine_demo}
+COMMANDS = {"stream": stream, "engine-demo": engine_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (ValueError, TypeError) as exc:  # bad arguments reach the user as one clear line
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as exc:  # one clear line
         print(f"streamattn {args.command}: error: {exc}", file=sys.stderr)
         return 2

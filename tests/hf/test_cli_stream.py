@@ -1,0 +1,53 @@
+"""`streamattn stream`: a short real run writes its CSV and plot; bad arguments are one clear line."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+import streamattn as sa
+from streamattn.cli import main
+from streamattn.cli.stream import parse_policy
+
+
+def test_stream_command_runs_and_writes_results(smollm2, model_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAMATTN_CACHE", str(model_cache))
+    out = tmp_path / "run"
+    args = ["stream", "--max-tokens", "300", "--policy", "sinks=4,window=60", "--compare", "window,dense,recompute"]
+    assert main([*args, "--recompute-tokens", "3", "--chunk", "64", "--segment", "100", "--out", str(out)]) == 0
+    with (out / "tokens.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    by_policy = {}
+    for row in rows:
+        by_policy.setdefault(row["policy"], []).append(row)
+    assert sorted(by_policy) == ["dense (full)", "recompute (window 64)", "sinks 4 + window 60", "window only"]
+    assert len(by_policy["sinks 4 + window 60"]) == 300 and len(by_policy["recompute (window 64)"]) == 3
+    assert math.isnan(float(by_policy["dense (full)"][0]["nll"]))  # the stream's first token has no context
+    assert int(by_policy["sinks 4 + window 60"][-1]["cache_keys"]) == 64
+    assert int(by_policy["dense (full)"][-1]["cache_keys"]) == 300
+    assert (out / "stream.png").stat().st_size > 10_000
+    assert "stream summary" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "sinks=4"], "window=W"),
+        (["--policy", "sinks=4,window=0"], "window must be >= 1"),
+        (["--compare", "bogus"], "unknown --compare"),
+        (["/no/such/file.txt"], "cannot read"),
+        (["--model", "gpt-17"], "never downloaded"),
+        (["--chunk", "0"], "--chunk must be >= 1"),
+    ],
+)
+def test_stream_command_bad_arguments(args, message, capsys):
+    assert main(["stream", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_policy():
+    assert parse_policy("sinks=4,window=1020") == sa.SinkWindow(sinks=4, window=1020)
+    assert parse_policy("window=1024") == sa.SinkWindow(sinks=0, window=1024)
+    assert parse_policy("full") == sa.Full()
