@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli import engine_demo, stream
+from streamattn.cli import chat, engine_demo, generate, stream
 
-COMMANDS = {"stream": stream, "engine-demo": engine_demo}
+COMMANDS = {"stream": stream, "chat": chat, "generate": generate, "engine-demo": engine_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import streamattn as sa
+from streamattn.cli.common import add_model_args, parse_policy
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "emma.txt.gz"
 COMPARE = ("window", "dense", "recompute")
@@ -33,29 +34,13 @@ COMPARE = ("window", "dense", "recompute")
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", type=Path, default=None, help="text file (.txt or .gz); default: Emma")
-    p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model dir or a .gguf file")
-    p.add_argument("--policy", default="sinks=4,window=1020", help="'sinks=S,window=W', 'window=W' or 'full'")
+    add_model_args(p)
     p.add_argument("--compare", default="", help=f"comma-separated extra runs: {', '.join(COMPARE)}")
     p.add_argument("--max-tokens", type=int, default=20_000, help="tokens of the text to stream")
     p.add_argument("--chunk", type=int, default=256, help="tokens per model call")
     p.add_argument("--segment", type=int, default=1024, help="tokens per perplexity segment (plot, summary)")
     p.add_argument("--recompute-tokens", type=int, default=64, help="tokens scored by --compare recompute")
     p.add_argument("--out", type=Path, default=Path("runs/stream"), help="directory for tokens.csv, stream.png")
-
-
-def parse_policy(spec: str) -> sa.Policy:
-    """'sinks=4,window=1020' -> SinkWindow(4, 1020); 'window=1024' -> SinkWindow(0, 1024); 'full'."""
-    if spec.strip().lower() in ("full", "dense"):
-        return sa.Full()
-    fields = {}
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        if key.strip() not in ("sinks", "window") or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"bad policy {spec!r}: expected 'sinks=S,window=W', 'window=W' or 'full'")
-        fields[key.strip()] = int(value)
-    if "window" not in fields:
-        raise ValueError(f"bad policy {spec!r}: 'window=W' is required (or 'full')")
-    return sa.SinkWindow(sinks=fields.get("sinks", 0), window=fields["window"])
 
 
 def read_text(path: Path | None) -> str:

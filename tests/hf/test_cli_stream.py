@@ -9,7 +9,7 @@ import pytest
 
 import streamattn as sa
 from streamattn.cli import main
-from streamattn.cli.stream import parse_policy
+from streamattn.cli.common import parse_policy
 
 
 def test_stream_command_runs_and_writes_results(smollm2, model_cache, tmp_path, monkeypatch, capsys):
