@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from collections import defaultdict
 from pathlib import Path
+
+from streamattn.cli.stream import segment_stats
 
 
 def main() -> None:
@@ -17,21 +18,22 @@ def main() -> None:
     parser.add_argument("csv", nargs="+", type=Path)
     parser.add_argument("--segment", type=int, default=8192)
     args = parser.parse_args()
-    sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    rows: dict[str, list[list[float]]] = defaultdict(lambda: [[], [], [], []])
     for path in args.csv:
         with path.open() as f:
             for row in csv.DictReader(f):
-                nll = float(row["nll"])
-                if not math.isnan(nll):
-                    sums[row["policy"]][int(row["position"]) // args.segment].append(nll)
-    segments = sorted({s for per in sums.values() for s in per})
-    heads = [f"{s * args.segment // 1024}K-{(s + 1) * args.segment // 1024}K" for s in segments]
+                columns = rows[row["policy"]]
+                for i, key in enumerate(("position", "nll", "ms_per_token", "rss_mb")):
+                    columns[i].append(float(row[key]) if key != "position" else int(row[key]))
+    per_policy = {policy: segment_stats(*columns, size=args.segment) for policy, columns in rows.items()}
+    overall = {policy: segment_stats(*columns, size=2**62) for policy, columns in rows.items()}  # one segment: all
+    segments = sorted({s for stats in per_policy.values() for s in stats})
+    heads = [f"{s // 1024}K-{(s + args.segment) // 1024}K" for s in segments]
     print("| policy | " + " | ".join(heads) + " | all |")
     print("|---|" + "---|" * (len(heads) + 1))
-    for policy, per in sums.items():
-        cells = [f"{math.exp(sum(per[s]) / len(per[s])):.1f}" if per.get(s) else "-" for s in segments]
-        everything = [x for s in per for x in per[s]]
-        print(f"| {policy} | " + " | ".join(cells) + f" | {math.exp(sum(everything) / len(everything)):.2f} |")
+    for policy, stats in per_policy.items():
+        cells = [f"{stats[s][0]:.1f}" if s in stats else "-" for s in segments]
+        print(f"| {policy} | " + " | ".join(cells) + f" | {overall[policy][0][0]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -194,17 +194,18 @@ def _write_csv(path: Path, runs: list[Run]) -> None:
                 writer.writerow([r.name, row[0], f"{row[1]:.5f}", f"{row[2]:.3f}", f"{row[3]:.1f}", row[4]])
 
 
-def _segments(r: Run, size: int) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Per segment: start position, perplexity, tokens/s, RSS."""
-    starts, ppl, rate, rss = [], [], [], []
-    for s in range(0, (r.positions[-1] + 1) if r.positions else 0, size):
-        idx = [i for i, p in enumerate(r.positions) if s <= p < s + size and not math.isnan(r.nll[i])]
-        if idx:
-            starts.append(s)
-            ppl.append(math.exp(sum(r.nll[i] for i in idx) / len(idx)))
-            rate.append(1e3 * len(idx) / sum(r.ms_per_token[i] for i in idx))
-            rss.append(max(r.rss_mb[i] for i in idx))
-    return starts, ppl, rate, rss
+def segment_stats(positions, nll, ms_per_token, rss_mb, size: int) -> dict[int, tuple[float, float, float]]:
+    """One pass over per-token rows: segment start -> (perplexity, tokens/s, peak RSS).
+
+    Tokens without a score (NaN: a stream's first token) are left out.
+    """
+    acc: dict[int, list[float]] = {}
+    for p, n, ms, rss in zip(positions, nll, ms_per_token, rss_mb, strict=True):
+        if math.isnan(n):
+            continue
+        a = acc.setdefault(p // size * size, [0.0, 0, 0.0, 0.0])
+        a[0], a[1], a[2], a[3] = a[0] + n, a[1] + 1, a[2] + ms, max(a[3], rss)
+    return {s: (math.exp(a[0] / a[1]), 1e3 * a[1] / a[2], a[3]) for s, a in sorted(acc.items())}
 
 
 def _plot(path: Path, runs: list[Run], size: int, trained: int | None) -> None:
@@ -217,10 +218,10 @@ def _plot(path: Path, runs: list[Run], size: int, trained: int | None) -> None:
     last = max((r.positions[-1] for r in runs if r.positions), default=0)
     trained = trained if trained and last >= trained else None  # mark it only where the stream reaches it
     for r in runs:
-        starts, ppl, rate, rss = _segments(r, size)
-        axes[0].plot(starts, ppl, marker=".", label=r.name)
-        axes[1].plot(starts, rate, marker=".", label=r.name)
-        axes[2].plot(starts, rss, marker=".", label=r.name)
+        stats = segment_stats(r.positions, r.nll, r.ms_per_token, r.rss_mb, size)
+        starts = list(stats)
+        for ax, column in zip(axes, range(3), strict=True):
+            ax.plot(starts, [stats[s][column] for s in starts], marker=".", label=r.name)
     for ax, title in zip(axes, (f"perplexity per {size}-token segment", "tokens/s", "peak RSS (MB)"), strict=True):
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)

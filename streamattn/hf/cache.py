@@ -88,7 +88,7 @@ class StreamingCache(Cache):
         self.rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
         if self.rotary is None:
             raise ValueError(f"{type(model).__name__}: no rotary embedding module found; RoPE models only")
-        self._unrotation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._unrotation: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.lengths: list[int] | None = None  # valid tokens per stream of the current forward (ragged batches)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
@@ -98,9 +98,15 @@ class StreamingCache(Cache):
             raise ValueError("the 'streamattn' attention function needs position_ids from the model")
         cached = self._unrotation
         if cached is None or cached[0] is not position_ids:
-            cos, sin = self.rotary(query, position_ids)  # [B, T, D], exactly what the model applied
-            self._unrotation = cached = (position_ids, cos[:, None], sin[:, None])
+            if not bool(position_ids.any()):  # position 0 (what Stream feeds): the model's rotation is the identity
+                cached = (position_ids, None, None)
+            else:
+                cos, sin = self.rotary(query, position_ids)  # [B, T, D], exactly what the model applied
+                cached = (position_ids, cos[:, None], sin[:, None])
+            self._unrotation = cached
         _, cos, sin = cached
+        if cos is None:
+            return query, key
         return sa.core.apply_rotary(query, cos, -sin), sa.core.apply_rotary(key, cos, -sin)
 
 
