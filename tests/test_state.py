@@ -104,6 +104,8 @@ def test_steady_state_steps_never_reallocate(positions, batch):
     q, k, v = make_qkv(batch, 6, 2, 64, D)
     attn(q, k, v)  # past sinks + window: the ring is full
     st = attn.state
+    nbytes = st.nbytes
+    assert nbytes == 4 * (2 * batch * 2 * 36 * D + batch * 2 * 4 * D)  # k, v [B, 2, 4 + 32, D] + sink_k, fp32
     ptrs = [t.untyped_storage().data_ptr() for t in (st.k, st.v, st.sink_k)]
     objs = [id(t) for t in (st.k, st.v, st.sink_k)]
     q1, k1, v1 = q[:, :, :1], k[:, :, :1], v[:, :, :1]
@@ -113,4 +115,15 @@ def test_steady_state_steps_never_reallocate(positions, batch):
         attn(q[:, :, :size], k[:, :, :size], v[:, :, :size])
     assert [t.untyped_storage().data_ptr() for t in (st.k, st.v, st.sink_k)] == ptrs
     assert [id(t) for t in (st.k, st.v, st.sink_k)] == objs and attn.state is st
-    assert st.k.shape == (batch, 2, 36, D)
+    assert st.k.shape == (batch, 2, 36, D) and st.nbytes == nbytes
+
+
+def test_engines_with_the_same_rope_share_one_decode_rotation_table():
+    """A model's layers step through the same positions: the table is built and held once."""
+    layers = [sa.StreamingAttention(sa.SinkWindow(sinks=4, window=32), sa.RoPE(D, 1e5)) for _ in range(3)]
+    q, k, v = make_qkv(1, 6, 2, 40, D)
+    for attn in layers:
+        attn(q, k, v)
+        attn(q[:, :, :1], k[:, :, :1], v[:, :, :1])  # decode: uses the table
+    tables = [attn.engine._table for attn in layers]
+    assert tables[0].numel() and all(t is tables[0] for t in tables)

@@ -15,6 +15,8 @@ so angles stay below ``rebase_every + T`` however long the stream runs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,17 @@ from streamattn.policies import Policy
 EMPTY = 2**62  # stream index recorded for an empty slot: no query ever sees it
 _TABLE = 256  # decode rotation matrices cached per stretch of positions
 _SCORE_BUDGET = 2**25  # max elements of one block's [B, Hq, T, K] mask (128 MiB in fp32)
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_table(rope: RoPE, start: int, dtype: torch.dtype, device: torch.device):
+    """Rotations of positions ``start .. start + _TABLE - 1`` as ``([_TABLE, D, D], list of rows)``.
+
+    Shared by every engine with the same RoPE: the layers of a model step through the same
+    positions, so one build serves them all (and the memory is held once, not per layer).
+    """
+    table = rope.rotation_matrices(torch.arange(start, start + _TABLE, device=device), dtype)
+    return table, list(table.unbind(0))
 
 
 class SinkWindowEngine:
@@ -143,8 +156,7 @@ class SinkWindowEngine:
         if self._table_key != (dtype, device) or lo < start or hi >= start + _TABLE:
             if hi - lo >= _TABLE:
                 return self.rope.rotation_matrices(torch.tensor(pos, device=device), dtype)[:, None]
-            self._table = self.rope.rotation_matrices(torch.arange(lo, lo + _TABLE, device=device), dtype)
-            self._table_rows = list(self._table.unbind(0))
+            self._table, self._table_rows = _rotation_table(self.rope, lo, dtype, torch.device(device))
             self._table_start, self._table_key, start = lo, (dtype, device), lo
         if lo == hi:
             return self._table_rows[lo - start]

@@ -49,6 +49,12 @@ class StreamState:
     def device(self) -> torch.device:
         return self.k.device
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (constant for a bounded policy once allocated)."""
+        tensors = (self.k, self.v) if self.sink_k is None else (self.k, self.v, self.sink_k)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def to_dict(self) -> dict[str, object]:
         """A snapshot (cloned tensors, plain ints) that ``torch.save`` can write."""
         return {
