@@ -10,7 +10,10 @@ How it plugs in (transformers 5.x extension points only):
 - positions: the model rotates q/k at its ``position_ids`` before the cache sees them. The
   attention function undoes that rotation with the model's own cos/sin (so any fp32 error in them
   cancels) and the engine applies exact positions itself. ``Stream`` feeds ``position_ids = 0``,
-  which makes the model's rotation the identity.
+  which makes the model's rotation the identity;
+- padding: a forward pre-hook on the model reads the 2-D ``attention_mask`` it is called with (as
+  ``generate`` does for batched, left-padded prompts). Padding tokens never enter a stream: each
+  row's valid tokens are moved to the front and the engine is told how many there are.
 """
 
 from __future__ import annotations
@@ -90,7 +93,17 @@ class StreamingCache(Cache):
             raise ValueError(f"{type(model).__name__}: no rotary embedding module found; RoPE models only")
         self._unrotation: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.lengths: list[int] | None = None  # valid tokens per stream of the current forward (ragged batches)
+        self.valid: tuple[list[int], list[int]] | None = None  # per row (first valid token, count), from a mask
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        for module in {id(model): model, id(model.base_model): model.base_model}.values():
+            if not getattr(module, "_streamattn_padding_hook", False):
+                module.register_forward_pre_hook(_read_padding, with_kwargs=True)
+                module._streamattn_padding_hook = True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every layer's stream state (keys, values, sink copies)."""
+        return sum(layer.attn.state.nbytes for layer in self.layers if layer.attn.state is not None)
 
     def unrotate(self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
         """Undo the model's RoPE with its own cos/sin (computed once per forward, shared by layers)."""
@@ -110,6 +123,43 @@ class StreamingCache(Cache):
         return sa.core.apply_rotary(query, cos, -sin), sa.core.apply_rotary(key, cos, -sin)
 
 
+def _read_padding(module, args, kwargs):
+    """Forward pre-hook: the valid tokens of each row of this call, from a 2-D ``attention_mask``.
+
+    Raises (before any layer runs, so no stream changes) when a row's valid tokens are not one
+    contiguous run: left and right padding are supported, holes are not.
+    """
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, StreamingCache):
+        return None
+    cache.valid = None
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    x = kwargs.get("input_ids", args[0] if args else None)
+    x = kwargs.get("inputs_embeds") if x is None else x
+    if x is None:
+        return None
+    current = mask[:, -x.shape[1] :].bool()  # columns of the tokens of this call
+    if bool(current.all()):
+        return None
+    counts = current.sum(dim=1)
+    first = torch.where(counts > 0, current.int().argmax(dim=1), 0)
+    span = torch.arange(current.shape[1], device=current.device)[None]
+    if not torch.equal(current, (span >= first[:, None]) & (span < (first + counts)[:, None])):
+        raise ValueError(
+            "attention_mask: each row's valid tokens must be one contiguous run (left or right padding); "
+            "got padding between valid tokens"
+        )
+    cache.valid = (first.tolist(), counts.tolist())
+    return None
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, T, D]`` with its tokens reordered per row by ``index [B, T]``."""
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
 def streamattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: the streamattn engine of the layer that was just updated."""
     layer = _PENDING.get()
@@ -123,8 +173,26 @@ def streamattn_attention(module, query, key, value, attention_mask, scaling=None
         raise NotImplementedError(f"attention scaling {scaling} != 1/sqrt(head_dim) is not supported yet")
     if dropout:
         raise NotImplementedError("streamattn is an inference operator: attention dropout must be 0")
-    q, k = layer.cache.unrotate(query, key, kwargs.get("position_ids"))
-    out = layer.attn(q, k, value, lengths=layer.cache.lengths)  # [B, Hq, T, D]; padding never enters the state
+    if attention_mask is not None:
+        raise NotImplementedError(
+            "streamattn builds its own visibility from the policy; a prepared (4-D) attention mask is not supported"
+        )
+    cache = layer.cache
+    q, k = cache.unrotate(query, key, kwargs.get("position_ids"))
+    v, lengths, back = value, cache.lengths, None
+    if cache.valid is not None:  # from a padding mask: valid tokens to the front of each row
+        first, lengths = cache.valid
+        if len(first) != q.shape[0]:
+            raise ValueError(f"attention_mask has {len(first)} rows, the batch {q.shape[0]}")
+        if any(first):
+            t = q.shape[2]
+            span = torch.arange(t, device=q.device)[None]
+            shift = torch.tensor(first, device=q.device)[:, None]
+            index, back = (span + shift) % t, (span - shift) % t
+            q, k, v = _gather_tokens(q, index), _gather_tokens(k, index), _gather_tokens(v, index)
+    out = layer.attn(q, k, v, lengths=lengths)  # [B, Hq, T, D]; padding never enters the state
+    if back is not None:
+        out = _gather_tokens(out, back)
     return out.transpose(1, 2).contiguous(), None  # transformers expects [B, T, H, D]
 
 
