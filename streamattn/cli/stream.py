@@ -6,7 +6,7 @@ running perplexity, cache keys, RSS). Writes ``tokens.csv`` (per token: NLL, lat
 ``stream.png`` (perplexity per segment, tokens/s and memory vs position) to ``--out`` and prints a
 summary. ``--compare``: ``window`` (no sinks, same cache size), ``dense`` (full attention: the cache
 grows), ``recompute`` (sliding window re-encoded for every token: the quality reference of
-StreamingLLM, slow; ``--recompute-tokens`` of them).
+StreamingLLM, slow; ``--recompute-tokens`` of them, from the first position with a full window).
 """
 
 from __future__ import annotations
@@ -162,13 +162,18 @@ def _stream_one(console, label, stream, ids, chunk, process) -> Run:
 
 
 def _recompute(console, model, ids, window, count, process) -> Run:
-    """Sliding window with re-computation: every token re-encodes its last ``window`` tokens."""
+    """Sliding window with re-computation: every token re-encodes its last ``window`` tokens.
+
+    Scores the ``count`` tokens from position ``window`` on (each with a full window), or the last
+    ``count`` tokens of a shorter text.
+    """
     result = Run(f"recompute (window {window})")
     count = min(count, ids.numel() - 1)
+    first = max(1, min(window, ids.numel() - count))
     with _progress(console) as progress, torch.no_grad():
         task = progress.add_task(result.name, total=count, rate=0.0, ppl=float("nan"), cache=window, rss=0.0)
         total_nll = 0.0
-        for n, t in enumerate(range(1, count + 1)):
+        for n, t in enumerate(range(first, first + count)):
             context = ids[max(0, t - window) : t][None]
             t0 = time.perf_counter()
             logits = model(context).logits[0, -1].float()

@@ -24,6 +24,9 @@ def test_stream_command_runs_and_writes_results(smollm2, model_cache, tmp_path, 
         by_policy.setdefault(row["policy"], []).append(row)
     assert sorted(by_policy) == ["dense (full)", "recompute (window 64)", "sinks 4 + window 60", "window only"]
     assert len(by_policy["sinks 4 + window 60"]) == 300 and len(by_policy["recompute (window 64)"]) == 3
+    recompute = by_policy["recompute (window 64)"]
+    assert [int(r["position"]) for r in recompute] == [64, 65, 66]  # each with a full window of context
+    assert all(int(r["cache_keys"]) == 64 for r in recompute)
     assert math.isnan(float(by_policy["dense (full)"][0]["nll"]))  # the stream's first token has no context
     assert int(by_policy["sinks 4 + window 60"][-1]["cache_keys"]) == 64
     assert int(by_policy["dense (full)"][-1]["cache_keys"]) == 300
