@@ -8,8 +8,18 @@ out = attn(q, k, v)   # q [B, Hq, T, D], k/v [B, Hkv, T, D]
 
 from streamattn import masks, reference
 from streamattn.core import RoPE, StreamingAttention, StreamState
-from streamattn.policies import Full, Policy, SinkWindow
+from streamattn.policies import Full, Policy, SinkWindow, policy_from_config
 
 __version__ = "0.1.0"
 
-__all__ = ["Full", "Policy", "RoPE", "SinkWindow", "StreamState", "StreamingAttention", "masks", "reference"]
+__all__ = [
+    "Full",
+    "Policy",
+    "RoPE",
+    "SinkWindow",
+    "StreamState",
+    "StreamingAttention",
+    "masks",
+    "policy_from_config",
+    "reference",
+]
