@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo engine-demo test lint bench clean
+.PHONY: demo engine-demo test lint bench bench-engine bench-llm long-stream eval-speed clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,20 @@ lint: $(STAMP)
 	$(PY) -m ruff check streamattn tests benchmarks
 	$(PY) -m ruff format --check streamattn tests benchmarks
 
-bench: $(STAMP)
-	$(PY) benchmarks/bench_engine.py
+# Benchmarks print tables (no timed tests). bench-llm takes ~20 min on 2 cores; long-stream ~1 h.
+bench: bench-engine bench-llm
+
+bench-engine: $(STAMP)
+	$(PY) -m benchmarks.bench_engine
+
+bench-llm: $(STAMP)
+	$(PY) -m benchmarks.bench_llm
+
+long-stream: $(STAMP)
+	$(PY) -m benchmarks.long_stream --save-state runs/long_stream_state.pt
+
+eval-speed: $(STAMP)
+	$(PY) -m benchmarks.eval_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

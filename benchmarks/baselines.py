@@ -33,3 +33,49 @@ class CatRerotateCache:
         keys = self.rope.rotate(self.k, torch.arange(n))  # the whole cache, every step
         query = self.rope.rotate(q, torch.tensor([n - 1]))
         return F.scaled_dot_product_attention(query, keys, self.v, enable_gqa=True)
+
+
+def cat_rerotate_hf_cache(model, sinks: int, window: int):
+    """transformers 4.x ``SinkCache`` / ``attention_sinks`` for a transformers model: a ``Cache``
+    whose layers keep keys rotated at their cache slot, and on every eviction re-rotate the whole
+    window back by the number of evicted tokens and ``torch.cat`` sinks + window + new tokens.
+
+    The caller passes ``position_ids = cache.next_positions(T)`` (cache slots). Within a chunk the
+    window is the classic approximation (the first token of a chunk sees fewer than ``window``
+    keys); token by token it is StreamingLLM's semantics.
+    """
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    from streamattn.hf.cache import rope_from_config
+
+    rope = rope_from_config(model.config.get_text_config())
+    capacity = sinks + window
+
+    class CatRerotateLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keep = max(capacity - key_states.shape[2], sinks)  # old keys kept so that the result fits
+            if self.keys.numel() and self.keys.shape[2] > keep:
+                shift = self.keys.shape[2] - keep  # evicted tokens: the window slides back by this many
+                window_k = rope.rotate(self.keys[:, :, sinks + shift :], torch.tensor(-shift))
+                self.keys = torch.cat((self.keys[:, :, :sinks], window_k), dim=2)
+                self.values = torch.cat((self.values[:, :, :sinks], self.values[:, :, sinks + shift :]), dim=2)
+            self.keys = torch.cat((self.keys, key_states), dim=2)
+            self.values = torch.cat((self.values, value_states), dim=2)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+            return min(self.get_seq_length(), max(capacity - query_length, sinks)) + query_length, 0
+
+    class CatRerotateCache(Cache):
+        def __init__(self):
+            config = model.config.get_text_config()
+            super().__init__(layers=[CatRerotateLayer() for _ in range(config.num_hidden_layers)])
+
+        def next_positions(self, t: int) -> torch.Tensor:
+            held = self.layers[0].get_seq_length()
+            start = min(held, max(capacity - t, sinks))
+            return torch.arange(start, start + t)[None]
+
+    return CatRerotateCache()
