@@ -71,6 +71,16 @@ def corpus_ids(tokenizer, data: Path, total: int) -> torch.Tensor:
     return ids.repeat(math.ceil(total / ids.numel()))[:total]
 
 
+def one_by_one(stream: Stream, ids: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Feed ``ids`` one token per call (decode steps): their log-probs and each call's seconds."""
+    logprobs, times = [], []
+    for token in ids:
+        t0 = time.perf_counter()
+        logprobs.append(stream.feed(token[None]))
+        times.append(time.perf_counter() - t0)
+    return torch.cat(logprobs), times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1_100_000)
@@ -114,12 +124,7 @@ def main() -> None:
         n = min(n, seg.start + args.segment - pos)  # never straddle a segment
         piece = stream_ids[pos : pos + n]
         if at_checkpoint:
-            times, lps = [], []
-            for token in piece:
-                t0 = time.perf_counter()
-                lps.append(stream.feed(token[None]))
-                times.append(time.perf_counter() - t0)
-            lp = torch.cat(lps)
+            lp, times = one_by_one(stream, piece)
             decode[pos] = 1e3 * statistics.median(times)
         else:
             t0 = time.perf_counter()
@@ -150,12 +155,7 @@ def main() -> None:
         torch.save(saved, args.save_state)
     chunked = stream.feed(check_ids)
     stream.load_state_dict(saved)
-    single, times = [], []
-    for token in check_ids:
-        t0 = time.perf_counter()
-        single.append(stream.feed(token[None]))
-        times.append(time.perf_counter() - t0)
-    single = torch.cat(single)
+    single, times = one_by_one(stream, check_ids)
     if args.tokens not in decode:
         decode[args.tokens] = 1e3 * statistics.median(times[: args.decode_steps])
     diff = float((chunked - single).abs().max())
