@@ -62,11 +62,9 @@ class Driver:
         return out.logits[0]
 
     def cache_mib(self) -> float:
-        tensors = []
-        for layer in self.cache.layers:
-            if getattr(layer, "attn", None) is not None and layer.attn.state is not None:
-                tensors += [layer.attn.state.k, layer.attn.state.v, layer.attn.state.sink_k]
-            tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        if isinstance(self.cache, StreamingCache):
+            return self.cache.nbytes / 2**20
+        tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / 2**20
 
 

@@ -93,7 +93,9 @@ class StreamingCache(Cache):
             raise ValueError(f"{type(model).__name__}: no rotary embedding module found; RoPE models only")
         self._unrotation: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.lengths: list[int] | None = None  # valid tokens per stream of the current forward (ragged batches)
-        self.valid: tuple[list[int], list[int]] | None = None  # per row (first valid token, count), from a mask
+        # from a padding mask, once per forward: (valid tokens per row, index moving them to the
+        # front [B, T], its inverse or None when no row is left-padded)
+        self.valid: tuple[list[int], torch.Tensor, torch.Tensor | None] | None = None
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         for module in {id(model): model, id(model.base_model): model.base_model}.values():
             if not getattr(module, "_streamattn_padding_hook", False):
@@ -151,7 +153,11 @@ def _read_padding(module, args, kwargs):
             "attention_mask: each row's valid tokens must be one contiguous run (left or right padding); "
             "got padding between valid tokens"
         )
-    cache.valid = (first.tolist(), counts.tolist())
+    back = None
+    index = (span + first[:, None]) % current.shape[1]
+    if bool(first.any()):
+        back = (span - first[:, None]) % current.shape[1]
+    cache.valid = (counts.tolist(), index, back)
     return None
 
 
@@ -181,18 +187,15 @@ def streamattn_attention(module, query, key, value, attention_mask, scaling=None
     q, k = cache.unrotate(query, key, kwargs.get("position_ids"))
     v, lengths, back = value, cache.lengths, None
     if cache.valid is not None:  # from a padding mask: valid tokens to the front of each row
-        first, lengths = cache.valid
-        if len(first) != q.shape[0]:
-            raise ValueError(f"attention_mask has {len(first)} rows, the batch {q.shape[0]}")
-        if any(first):
-            t = q.shape[2]
-            span = torch.arange(t, device=q.device)[None]
-            shift = torch.tensor(first, device=q.device)[:, None]
-            index, back = (span + shift) % t, (span - shift) % t
+        lengths, index, back = cache.valid
+        if index.shape != q.shape[::2]:
+            raise ValueError(f"attention_mask covers {tuple(index.shape)} tokens, the call {tuple(q.shape[::2])}")
+        if back is not None:
+            index = index.to(q.device)
             q, k, v = _gather_tokens(q, index), _gather_tokens(k, index), _gather_tokens(v, index)
     out = layer.attn(q, k, v, lengths=lengths)  # [B, Hq, T, D]; padding never enters the state
     if back is not None:
-        out = _gather_tokens(out, back)
+        out = _gather_tokens(out, back.to(q.device))
     return out.transpose(1, 2).contiguous(), None  # transformers expects [B, T, H, D]
 
 
