@@ -18,13 +18,14 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
+from streamattn.core.kernels import attend, compute_dtype, rope_at_write, write_slots
+from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
-from streamattn.core.state import StreamState
-from streamattn.policies import Policy
+from streamattn.core.state import EMPTY, StateSpec, StreamState
+from streamattn.policies import Full, SinkWindow
+from streamattn.policies.base import WindowPolicy
 
-EMPTY = 2**62  # stream index recorded for an empty slot: no query ever sees it
 _TABLE = 256  # decode rotation matrices cached per stretch of positions
 _SCORE_BUDGET = 2**25  # max elements of one block's [B, Hq, T, K] mask (128 MiB in fp32)
 
@@ -40,15 +41,17 @@ def _rotation_table(rope: RoPE, start: int, dtype: torch.dtype, device: torch.de
     return table, list(table.unbind(0))
 
 
+@register_engine(SinkWindow, Full)
 class SinkWindowEngine:
     """Realises any policy whose visible set is "first ``sinks`` + last ``window``" (``window=None``:
     unbounded, i.e. ``Full``). Holds configuration and caches of derived constants, never a stream:
-    every method takes the ``StreamState`` it works on.
+    every method takes the ``StreamState`` it works on. The fast path for index-only policies: a
+    token's slot is a closed-form function of its index, so the state records no per-slot index.
     """
 
     def __init__(
         self,
-        policy: Policy,
+        policy: WindowPolicy,
         rope: RoPE | None,
         positions: str,
         scale: float | None,
@@ -84,6 +87,26 @@ class SinkWindowEngine:
             base=[0] * b,
         )
 
+    @property
+    def spec(self) -> StateSpec:
+        return StateSpec(
+            sinks=self.sinks,
+            slots=None if self.window is None else self.sinks + self.window,
+            head_dim=None if self.rope is None else self.rope.head_dim,
+            sink_k=self.rope is not None and self.sinks > 0,
+            index=False,
+        )
+
+    def slot_index(self, st: StreamState) -> torch.Tensor:
+        """``[B, Hkv, N]`` int64 stream index held by each slot (``EMPTY`` if none), on the state's device."""
+        seen = torch.tensor(st.seen, device=st.device)
+        held = self.slot_positions(seen, st.slots - self.sinks)  # the same for every kv head
+        return held[:, None, :].expand(-1, st.kv_heads, -1).contiguous()
+
+    def cached(self, st: StreamState) -> list[int]:
+        """Keys held per stream."""
+        return [self.filled(n) for n in st.seen]
+
     def slot_positions(self, seen: torch.Tensor, capacity: int) -> torch.Tensor:
         """``[B, S + capacity]`` stream index held by each slot given ``seen [B]``; EMPTY if none."""
         s, w = self.sinks, self.window
@@ -115,9 +138,6 @@ class SinkWindowEngine:
             new[:, :, : old.shape[2]] = old
             setattr(st, name, new)
 
-    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
     # ------------------------------------------------------------------ positions
     def _maybe_rebase(self, st: StreamState, t: int) -> None:
         """Move the frame origin of streams whose positions would exceed ``rebase_every``."""
@@ -127,7 +147,7 @@ class SinkWindowEngine:
             delta = seen - base
             if delta + t <= self.rebase_every or delta == 0:
                 continue
-            cdt = self._compute_dtype(st.dtype)
+            cdt = compute_dtype(st.dtype)
             back = self.rope.rotation_matrices(torch.tensor(-delta, device=st.device), cdt)
             ring = st.k[b, :, self.sinks :]
             ring.copy_(torch.matmul(ring.to(cdt), back))
@@ -141,7 +161,7 @@ class SinkWindowEngine:
         return t - st.base[b]
 
     def _refresh_display(self, st: StreamState, b: int) -> None:
-        cdt = self._compute_dtype(st.dtype)
+        cdt = compute_dtype(st.dtype)
         m = self.rope.rotation_matrices(torch.tensor(self._display_position(st, b), device=st.device), cdt)
         st.k[b, :, : self.sinks] = torch.matmul(st.sink_k[b].to(cdt), m)
 
@@ -179,7 +199,7 @@ class SinkWindowEngine:
             self._reserve(st, max(seen) + 1)
         m = None
         if self.rope is not None:
-            cdt = self._compute_dtype(q.dtype)
+            cdt = compute_dtype(q.dtype)
             pos = [seen[0] - st.base[0]] if bsz == 1 else [t - b for t, b in zip(seen, st.base, strict=True)]
             m = self._rotations(pos, cdt, q.device)
             k_raw = k
@@ -194,8 +214,8 @@ class SinkWindowEngine:
         else:
             rows = torch.arange(bsz, device=q.device)
             slots = torch.tensor([self._slot(t) for t in seen], device=q.device)
-            st.k[rows, :, slots] = k[:, :, 0]
-            st.v[rows, :, slots] = v[:, :, 0]
+            write_slots(st.k, rows, slots, k[:, :, 0])
+            write_slots(st.v, rows, slots, v[:, :, 0])
         if st.sink_k is not None:
             if uniform and t0 >= self.sinks:  # common case: no new sink; refresh only past the fill
                 if self.cache_mode and t0 >= self.anchor:  # sinks follow the query: same rotation m
@@ -213,9 +233,8 @@ class SinkWindowEngine:
         else:
             held = self.slot_positions(torch.tensor(n, device=q.device), st.k.shape[2] - self.sinks)
             mask = (held != EMPTY)[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q.reshape(bsz, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=self.scale
-        )  # the G query heads of a kv head ride in SDPA's query-length dim: no repeat_interleave
+        # the G query heads of a kv head ride in SDPA's query-length dim: no repeat_interleave
+        out = attend(q.reshape(bsz, hkv, hq // hkv, d), keys, values, mask, self.scale)
         st.seen = n
         return out.reshape(bsz, hq, 1, d)
 
@@ -269,7 +288,7 @@ class SinkWindowEngine:
         a copy of the buffer followed by the block, then commit the block to the state."""
         bsz, hq, t, d = q.shape
         hkv, s = k.shape[1], self.sinks
-        dtype, dev, cdt = q.dtype, q.device, self._compute_dtype(q.dtype)
+        dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
         self._maybe_rebase(st, t)
         if self.window is None:
             self._reserve(st, max(a + b for a, b in zip(st.seen, n, strict=True)))
@@ -312,7 +331,7 @@ class SinkWindowEngine:
             mask[..., :s] += sink_scores.view(bsz, hq, t, s) * scale
         else:
             mask = see[:, None]  # [B, 1, T, K], shared by all heads
-        out = F.scaled_dot_product_attention(qw, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = attend(qw, keys, values, mask, scale)
         self._write(st, k, v, k_raw, qpos, valid, n)
         return out.masked_fill_(~valid[:, None, :, None], 0).to(dtype)
 
@@ -323,8 +342,8 @@ class SinkWindowEngine:
         slot = torch.where(qpos < s, qpos, s + ring)
         b_idx, i_idx = valid.nonzero(as_tuple=True)
         sl = slot[b_idx, i_idx]
-        st.k[b_idx, :, sl] = k.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
-        st.v[b_idx, :, sl] = v.transpose(1, 2)[b_idx, i_idx].to(st.dtype)
+        write_slots(st.k, b_idx, sl, k.transpose(1, 2)[b_idx, i_idx])
+        write_slots(st.v, b_idx, sl, v.transpose(1, 2)[b_idx, i_idx])
         if st.sink_k is not None and any(t < s and c > 0 for t, c in zip(st.seen, n, strict=True)):
             b_idx, i_idx = (valid & (qpos < s)).nonzero(as_tuple=True)
             self._keep_sinks(st, b_idx, qpos[b_idx, i_idx], k_raw.transpose(1, 2)[b_idx, i_idx])
@@ -333,5 +352,5 @@ class SinkWindowEngine:
     def _keep_sinks(self, st: StreamState, b_idx: torch.Tensor, j: torch.Tensor, raw: torch.Tensor) -> None:
         """Store sink keys ``raw [N, Hkv, D]`` (un-rotated) of streams ``b_idx`` at indices ``j``,
         rotated at ``j - anchor``: the frame both paths score sinks in."""
-        rotated = self.rope.rotate(raw.to(self._compute_dtype(raw.dtype)), (j - self.anchor)[:, None])
-        st.sink_k[b_idx, :, j] = rotated.to(st.dtype)
+        rotated = rope_at_write(raw, self.rope, (j - self.anchor)[:, None])  # [N, Hkv, D]
+        write_slots(st.sink_k, b_idx, j, rotated)

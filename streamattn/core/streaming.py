@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamattn.core.engine import SinkWindowEngine
+import streamattn.core.engine  # noqa: F401  (registers the sinks + window engine)
+from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
 from streamattn.core.state import StreamState
-from streamattn.policies import Full, Policy, SinkWindow, policy_from_config
+from streamattn.policies import Policy, SinkWindow, policy_from_config
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FORMAT = "streamattn.StreamingAttention/1"
@@ -28,7 +29,8 @@ class StreamingAttention(nn.Module):
     are real (right padding): padded tokens never enter the state and their outputs are zero.
 
     Args:
-        policy: ``SinkWindow(sinks, window)`` or ``Full()``.
+        policy: any policy with a registered engine (``streamattn.core.registry``):
+            ``SinkWindow(sinks, window)``, ``Full()``.
         rope: ``RoPE(head_dim, theta)`` to rotate q/k, or ``None`` to use them as given.
         positions: ``"cache"`` (StreamingLLM: a token's position is its slot in the cache when it is
             attended) or ``"absolute"`` (its index in the stream: plain masked attention).
@@ -53,8 +55,7 @@ class StreamingAttention(nn.Module):
     ) -> None:
         super().__init__()
         policy = SinkWindow() if policy is None else policy
-        if not isinstance(policy, (SinkWindow, Full)):
-            raise TypeError(f"policy must be SinkWindow(...) or Full(), got {policy!r}")
+        engine_cls = engine_for(policy)  # TypeError naming the policies that have an engine
         if rope is not None and not isinstance(rope, RoPE):
             raise TypeError(f"rope must be a streamattn.RoPE or None, got {rope!r}")
         if positions not in ("cache", "absolute"):
@@ -68,7 +69,7 @@ class StreamingAttention(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.policy, self.rope, self.positions = policy, rope, positions
         self.scale = None if scale is None else float(scale)
-        self.engine = SinkWindowEngine(policy, rope, positions, self.scale, rebase_every, block_size)
+        self.engine = engine_cls(policy, rope, positions, self.scale, rebase_every, block_size)
         self.state: StreamState | None = None
         self._checked: tuple | None = None  # signature of inputs last validated against self.state
 
@@ -100,7 +101,32 @@ class StreamingAttention(nn.Module):
     @property
     def cached(self) -> list[int]:
         """Keys currently held per stream (bounded by ``sinks + window`` for ``SinkWindow``)."""
-        return [self.engine.filled(n) for n in self.seen]
+        return [] if self.state is None else self.engine.cached(self.state)
+
+    def slot_index(self) -> torch.Tensor | None:
+        """``[B, Hkv, N]`` int64: the stream index each slot holds (``EMPTY`` if none); None before the first call."""
+        return None if self.state is None else self.engine.slot_index(self.state)
+
+    # ------------------------------------------------------------------ streams leave and join
+    def select_streams(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Keep streams ``rows`` (in that order; repeats allowed, e.g. beams), drop the others."""
+        if self.state is None:
+            raise ValueError("no streams yet: select_streams needs a first call (or load_state_dict)")
+        self.state, self._checked = self.state.select(rows), None
+
+    def add_streams(self, state: StreamState) -> None:
+        """Append the streams of ``state`` (e.g. ``other.state`` or ``other.state.select(...)``) to the batch."""
+        if not isinstance(state, StreamState):
+            raise TypeError(f"add_streams takes a StreamState, got {type(state).__name__}")
+        self._check_layout(state)
+        self.state = (
+            state.select(range(state.batch_size)) if self.state is None else StreamState.cat([self.state, state])
+        )
+        self._checked = None
+
+    def _check_layout(self, state: StreamState) -> None:
+        """``state`` must be what this operator's engine produces (validated like a saved state)."""
+        StreamState.from_dict({**state.to_dict()}, self.engine.spec)
 
     def extra_repr(self) -> str:
         return f"policy={self.policy}, rope={self.rope}, positions={self.positions!r}, scale={self.scale}"
@@ -215,31 +241,7 @@ class StreamingAttention(nn.Module):
             raise ValueError(f"state comes from another configuration: (theirs, ours) = {diff}")
         policy_from_config(config["policy"])
         raw = extra.get("state")
-        if raw is None:
-            return None
-        try:
-            k, v, sink_k = raw["k"], raw["v"], raw["sink_k"]
-            seen, base = [int(x) for x in raw["seen"]], [int(x) for x in raw["base"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed StreamingAttention state: {exc!r}") from None
-        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and k.shape == v.shape):
-            raise ValueError("malformed StreamingAttention state: k and v must be 4-D tensors of one shape")
-        b, hkv, slots, d = k.shape
-        s, w = self.engine.sinks, self.engine.window
-        if len(seen) != b or len(base) != b or any(x < 0 or y < 0 or y > x for x, y in zip(seen, base, strict=True)):
-            raise ValueError("malformed StreamingAttention state: seen/base do not match the batch")
-        if (w is not None and slots != s + w) or (w is None and slots < max(seen)):
-            raise ValueError(f"state buffers hold {slots} slots, this policy needs {s + w if w else max(seen)}")
-        if self.rope is not None and d != self.rope.head_dim:
-            raise ValueError(f"state head_dim {d} does not match rope.head_dim {self.rope.head_dim}")
-        want_sinks = self.rope is not None and s > 0
-        if want_sinks != isinstance(sink_k, torch.Tensor) or (
-            want_sinks and (sink_k.shape != (b, hkv, s, d) or sink_k.dtype != k.dtype)
-        ):
-            raise ValueError("malformed StreamingAttention state: sink_k does not match the policy")
-        return StreamState(
-            k=k.clone(), v=v.clone(), sink_k=None if sink_k is None else sink_k.clone(), seen=seen, base=base
-        )
+        return None if raw is None else StreamState.from_dict(raw, self.engine.spec)
 
 
 def _signature(q: Any, k: Any, v: Any) -> tuple | None:

@@ -1,9 +1,16 @@
-"""What every attention policy provides.
+"""What every attention policy provides, by kind.
 
-A policy is a small frozen dataclass that says *which keys a query may see*. It is pure
-configuration: it owns no tensors. The engine that realises a policy in bounded memory lives in
-``streamattn.core``; the same policy also produces training masks (``streamattn.masks``) and is
-checked against the literal rules in ``streamattn.reference``.
+A policy is a small frozen dataclass: pure configuration, no tensors. Its *kind* says which engine
+family realises it (``streamattn.core.registry`` maps policy types to engines):
+
+- ``"index"``: which keys a query may see is a rule on stream indices, ``visible(q_idx, kv_idx)``.
+  The same rule is the training mask (``streamattn.masks``) and the reference's literal rule.
+  ``SinkWindow`` and ``Full`` are index rules whose visible set is "first ``sinks`` + last
+  ``window``" (``WindowPolicy``): the sinks + window engine realises them in fixed buffers.
+- planned kinds, each with its own engine and a literal fp64 replay in ``streamattn.reference``:
+  ``"eviction"`` (score-based KV eviction to a budget: H2O, TOVA, SnapKV, ...), ``"memory"``
+  (retrieval of evicted blocks, compressive memories), ``"encoder"`` (chunked encoders with left
+  context and lookahead).
 """
 
 from __future__ import annotations
@@ -15,18 +22,34 @@ import torch
 
 @runtime_checkable
 class Policy(Protocol):
-    """Protocol of a streaming policy.
+    """Every policy: a name (for files and plots), its kind, and a config that round-trips
+    through ``streamattn.policy_from_config``."""
 
-    ``visible(q_idx, kv_idx)`` takes integer tensors of absolute stream indices (broadcastable)
-    and returns a bool tensor: True where query ``q_idx`` may attend to key ``kv_idx``. It must be
-    written with tensor ops only, so it serves as a FlexAttention ``mask_mod`` as well.
-    """
-
+    kind: str
     name: str
+
+    def to_config(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class IndexPolicy(Policy, Protocol):
+    """``visible(q_idx, kv_idx)`` takes integer tensors of absolute stream indices (broadcastable) and
+    returns a bool tensor: True where query ``q_idx`` may attend to key ``kv_idx``. Written with
+    tensor ops only, so it serves as a FlexAttention ``mask_mod`` as well. ``capacity`` is the most
+    keys a query ever sees (``None``: unbounded)."""
+
+    capacity: int | None
 
     def visible(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor: ...
 
-    def to_config(self) -> dict[str, Any]: ...
+
+@runtime_checkable
+class WindowPolicy(IndexPolicy, Protocol):
+    """An index rule whose visible set is the first ``sinks`` tokens and the last ``window`` ones
+    (``window=None``: every token): what the sinks + window engine reads."""
+
+    sinks: int
+    window: int | None
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -15,6 +15,8 @@ class Full:
     In the engine it is a window without a bound and without sinks, so ``positions="cache"`` and
     ``"absolute"`` coincide.
     """
+
+    kind: ClassVar[str] = "index"
 
     @property
     def name(self) -> str:

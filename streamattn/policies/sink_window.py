@@ -8,7 +8,7 @@ recent tokens (the query itself included). ``sinks=0`` is a plain sliding window
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,6 +24,7 @@ class SinkWindow:
 
     sinks: int = 4
     window: int = 1020
+    kind: ClassVar[str] = "index"
 
     def __post_init__(self) -> None:
         check_int("SinkWindow", "sinks", self.sinks, 0)

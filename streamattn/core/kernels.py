@@ -1,0 +1,71 @@
+"""Small pure functions: the only hot code of the engines (RoPE at write, slot writes, attention).
+
+Each takes tensors and returns tensors; none holds state, so an engine is a sequence of these and a
+backend (``torch.compile``, a fused kernel) can replace one at a time. Shapes follow SDPA:
+``q [B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h``
+reads kv head ``h // (Hq / Hkv)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamattn.core.rope import RoPE
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16) computes positions in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_at_write(x: torch.Tensor, rope: RoPE, positions: torch.Tensor) -> torch.Tensor:
+    """``x [..., T, D]`` rotated at integer ``positions`` (broadcastable to ``x.shape[:-1]``), computed
+    in ``compute_dtype(x.dtype)`` from float64 angles. Keys are rotated once, when written."""
+    return rope.rotate(x.to(compute_dtype(x.dtype)), positions)
+
+
+def write_slots(buffer: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """``buffer[rows[i], :, slots[i]] = x[i]`` for ``buffer [B, H, N, D]``, ``x [M, H, D]`` (cast to
+    the buffer's dtype). One indexed write whatever ``M``; slots of a call must be distinct per row."""
+    buffer[rows, :, slots] = x.to(buffer.dtype)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` with GQA; ``mask`` bool (True = attend) or additive float,
+    broadcastable to ``[B, Hq, T, N]``. One SDPA call (the fused kernel of the platform)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``attend`` that also returns the log-sum-exp of the scaled scores ``[B, Hq, T]`` and, when
+    ``weights``, the attention weights ``[B, Hq, T, N]`` (what scorers and memories read).
+
+    Explicit matmuls, ``O(T N)`` memory for the scores: for the rows a scorer needs, not for whole
+    prefills. A query that sees no key gets ``lse = -inf``, zero weights and a zero output.
+    """
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, T, N]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, T]
+    finite = torch.isfinite(lse)
+    p = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None]).masked_fill(~finite[..., None], 0.0)
+    return p @ v, lse, (p if weights else None)
