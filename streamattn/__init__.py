@@ -6,20 +6,27 @@ attn = sa.StreamingAttention(policy=sa.SinkWindow(sinks=4, window=1020),
 out = attn(q, k, v)   # q [B, Hq, T, D], k/v [B, Hkv, T, D]
 """
 
-from streamattn import masks, reference
-from streamattn.core import RoPE, StreamingAttention, StreamState
-from streamattn.policies import Full, Policy, SinkWindow, policy_from_config
+from streamattn import masks, policies, reference
+from streamattn.core import RoPE, StateSpec, StreamingAttention, StreamState, engine_for, register_engine
+from streamattn.policies import Full, IndexPolicy, Policy, SinkWindow, WindowPolicy, parse_policy, policy_from_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Full",
+    "IndexPolicy",
     "Policy",
     "RoPE",
     "SinkWindow",
+    "StateSpec",
     "StreamState",
     "StreamingAttention",
+    "WindowPolicy",
+    "engine_for",
     "masks",
+    "parse_policy",
+    "policies",
     "policy_from_config",
     "reference",
+    "register_engine",
 ]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import streamattn as sa
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
@@ -22,6 +24,9 @@ def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     if index == 0:
         assert "[3001, 3001] [1024, 1024]" in printed and "[3008, 3003]" in printed
+    elif "layer_policies=" in BLOCKS[index]:
+        want = [sa.SinkWindow(4, 28), sa.SinkWindow(0, 16), sa.SinkWindow(0, 16), sa.SinkWindow(4, 60)]
+        assert printed.splitlines() == [str(want), "sdpa"]
     elif "Stream(" in BLOCKS[index]:
         lines = printed.strip().splitlines()
         assert lines[0].startswith("torch.Size([") and lines[0].endswith("True")

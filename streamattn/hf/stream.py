@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import torch
 
 import streamattn as sa
 from streamattn.hf.cache import StreamingCache
+from streamattn.hf.detok import IncrementalDetokenizer
 
 
 class Stream:
@@ -18,17 +20,34 @@ class Stream:
     """
 
     def __init__(
-        self, model, tokenizer=None, policy: sa.Policy | None = None, positions: str = "cache", chunk_size: int = 256
+        self,
+        model,
+        tokenizer=None,
+        policy: sa.Policy | None = None,
+        positions: str = "cache",
+        chunk_size: int = 256,
+        *,
+        layer_policies=None,
     ):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
-        self.cache = StreamingCache(model, policy, positions)
+        self.cache = StreamingCache(model, policy, positions, layer_policies=layer_policies)
         self.positions = positions
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._batch: int | None = None  # streams held, fixed by the first feed
         self._next: list[torch.Tensor | None] | None = None  # per stream: log-probs [V] after its last token
-        self.last_generated: list[int] = []  # token ids of the last generate() call
+        self.last_generated: list[int] = []  # token ids of the last generate() call (its last 4,096)
+
+    def close(self) -> None:
+        """Give the model back its own attention (the stream cannot be fed afterwards)."""
+        self.cache.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def seen(self) -> int | list[int]:
@@ -65,11 +84,15 @@ class Stream:
         return ids
 
     @torch.no_grad()
-    def feed(self, data) -> torch.Tensor | list[torch.Tensor]:
+    def feed(self, data, *, scores: bool = True) -> torch.Tensor | list[torch.Tensor] | None:
         """Feed one stream (a str or 1-D id tensor) or a batch (a list with one entry per stream,
         ragged, entries may be empty). Returns each fed token's log-probability given everything
         before it in its stream (``NaN`` for a stream's very first token): a ``[T]`` tensor, or a
         list of them for a batch. Bad input is refused before the model runs.
+
+        ``scores=False`` feeds without scoring (returns ``None``): the model's output head runs only
+        on each stream's last token of each call (what ``next_logprobs`` needs), which saves
+        ``chunk x vocab`` work per call (most of the cost for large vocabularies).
         """
         batched = isinstance(data, (list, tuple))
         items = [self._ids(x, allow_empty=True) for x in data] if batched else [self._ids(data)]
@@ -83,31 +106,39 @@ class Stream:
         for b, x in enumerate(items):
             ids[b, : x.numel()] = x
         device = self.model.get_output_embeddings().weight.device
-        scores = [torch.empty(n, dtype=torch.float32) for n in lengths]
+        out_scores = [torch.empty(n, dtype=torch.float32) for n in lengths] if scores else None
         if self._next is None:
             self._next = [None] * len(items)
         for start in range(0, ids.shape[1], self.chunk_size):
             counts = [min(max(n - start, 0), self.chunk_size) for n in lengths]
             chunk = ids[:, start : start + max(counts)].to(device)
             self.cache.lengths = None if min(counts) == chunk.shape[1] else counts
+            # unscored: logits only at each row's last token (sorted unique columns -> index per row)
+            keep = sorted({n - 1 for n in counts if n > 0}) if not scores else None
             try:
                 out = self.model(
                     input_ids=chunk,
                     position_ids=torch.zeros_like(chunk),  # the engine owns positions
                     past_key_values=self.cache,
                     use_cache=True,
+                    logits_to_keep=0 if keep is None else torch.tensor(keep, device=device),
                 )
             finally:
                 self.cache.lengths = None
-            logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T or len(keep), V]
             for b, n in enumerate(counts):
                 if n == 0:
                     continue
+                if keep is not None:
+                    self._next[b] = logprobs[b, keep.index(n - 1)]
+                    continue
                 row = chunk[b, :n]
-                scores[b][start] = float("nan") if self._next[b] is None else self._next[b][row[0]].item()
-                scores[b][start + 1 : start + n] = logprobs[b, : n - 1].gather(1, row[1:, None])[:, 0].cpu()
+                out_scores[b][start] = float("nan") if self._next[b] is None else self._next[b][row[0]].item()
+                out_scores[b][start + 1 : start + n] = logprobs[b, : n - 1].gather(1, row[1:, None])[:, 0].cpu()
                 self._next[b] = logprobs[b, n - 1]
-        return scores if batched else scores[0]
+        if out_scores is None:
+            return None
+        return out_scores if batched else out_scores[0]
 
     @torch.no_grad()
     def generate(
@@ -130,23 +161,29 @@ class Stream:
             raise ValueError("generating text needs a tokenizer: Stream(model, tokenizer, ...)")
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         eos = self.tokenizer.eos_token_id
-        new: list[int] = []
-        text = ""
-        for _ in range(max_new_tokens):
-            logprobs = self._next[0].cpu()
-            if temperature == 0:
-                token = int(logprobs.argmax())
-            else:
-                token = int(torch.multinomial(torch.softmax(logprobs / temperature, dim=-1), 1, generator=generator))
-            self.feed(torch.tensor([token]))
-            new.append(token)
-            full = self.tokenizer.decode(new, skip_special_tokens=True)
-            if len(full) > len(text) and not full.endswith("\ufffd"):  # wait for whole characters
-                yield full[len(text) :]
-                text = full
-            if stop_at_eos and token == eos:
-                break
-        self.last_generated = new
+        new: deque[int] = deque(maxlen=_KEEP_GENERATED)  # bounded: generation may be endless
+        text = IncrementalDetokenizer(self.tokenizer)  # O(1) per token, bounded memory
+        self.last_generated = []
+        try:
+            for _ in range(max_new_tokens):
+                logprobs = self._next[0].cpu()
+                if temperature == 0:
+                    token = int(logprobs.argmax())
+                else:
+                    probs = torch.softmax(logprobs / temperature, dim=-1)
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                self.feed(torch.tensor([token]))
+                new.append(token)
+                piece = text.push(token)  # waits for whole characters
+                if piece:
+                    yield piece
+                if stop_at_eos and token == eos:
+                    break
+            tail = text.flush()
+            if tail:
+                yield tail
+        finally:  # also when the consumer stops early
+            self.last_generated = list(new)
 
     # ------------------------------------------------------------------ save / restore
     def state_dict(self) -> dict:
@@ -186,11 +223,14 @@ class Stream:
     def _config(self) -> dict:
         config = self.model.config.get_text_config()
         return {
-            "policy": self.cache.policy.to_config(),
+            "layers": [
+                {"policy": layer.attn.policy.to_config(), "rope": layer.attn.rope.to_config()}
+                for layer in self.cache.layers
+            ],
             "positions": self.positions,
-            "rope": self.cache.rope.to_config(),
             "model": {"type": config.model_type, "layers": config.num_hidden_layers, "vocab": self.vocab_size},
         }
 
 
-_FORMAT = "streamattn.hf.Stream/1"
+_FORMAT = "streamattn.hf.Stream/2"  # /2: a policy and a RoPE per layer
+_KEEP_GENERATED = 4096

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamattn.policies.base import Policy
+from streamattn.policies.base import IndexPolicy, Policy, WindowPolicy
 from streamattn.policies.full import Full
 from streamattn.policies.sink_window import SinkWindow
 
@@ -24,4 +24,6 @@ def policy_from_config(config: dict[str, Any]) -> Policy:
         raise ValueError(f"malformed policy config {config!r}: {exc}") from None
 
 
-__all__ = ["Full", "Policy", "SinkWindow", "policy_from_config"]
+from streamattn.policies.spec import parse_policy  # noqa: E402  (the spec grammar builds on the registry)
+
+__all__ = ["Full", "IndexPolicy", "Policy", "SinkWindow", "WindowPolicy", "parse_policy", "policy_from_config"]

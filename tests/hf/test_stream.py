@@ -69,12 +69,6 @@ def test_bad_feed_raises_and_keeps_the_stream(smollm2, fresh_model, bad, error, 
     assert torch.equal(stream.feed(", clever, and rich"), twin.feed(", clever, and rich"))
 
 
-def test_streaming_model_needs_a_streaming_cache(smollm2, fresh_model):
-    StreamingCache(fresh_model, sa.SinkWindow(sinks=4, window=16))
-    with pytest.raises(RuntimeError, match="StreamingCache"), torch.no_grad():
-        fresh_model(torch.tensor([[1, 2, 3]]))
-
-
 def test_unsupported_rope_is_a_clear_error(smollm2):
     config = smollm2[0].config.__class__.from_dict(smollm2[0].config.to_dict())
     config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e5, "factor": 4.0}
