@@ -36,7 +36,7 @@ from rich.console import Console
 
 import streamattn as sa
 from benchmarks.baselines import cat_rerotate_hf_cache
-from streamattn.cli.stream import read_text
+from streamattn.eval import read_text
 from streamattn.hf import Stream, StreamingCache, load_model
 
 CHUNK = 256

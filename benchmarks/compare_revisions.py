@@ -116,7 +116,9 @@ def main() -> None:
     ]
     for key, v in rows.items():
         ratio = statistics.median(n / o for n, o in zip(v["new"], v["old"], strict=True))
-        lines.append(f"| {key} | {statistics.median(v['old']):,.1f} | {statistics.median(v['new']):,.1f} | {ratio:.3f} |")
+        lines.append(
+            f"| {key} | {statistics.median(v['old']):,.1f} | {statistics.median(v['new']):,.1f} | {ratio:.3f} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 import streamattn as sa
-from streamattn.cli.stream import read_text
+from streamattn.eval import read_text
 from streamattn.hf import Stream, load_model
 
 console = Console(width=150)

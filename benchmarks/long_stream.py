@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import math
 import statistics
 import time
@@ -30,7 +29,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from streamattn.cli.common import parse_policy
+from streamattn import parse_policy
+from streamattn.eval import read_text
 from streamattn.hf import Stream, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,7 @@ def corpus_ids(tokenizer, data: Path, total: int) -> torch.Tensor:
         raise SystemExit(f"no *.txt.gz novels in {data} (pass --data DIR)")
     parts = []
     for f in files:
-        with gzip.open(f, "rt", encoding="utf-8") as handle:
-            parts.append(torch.tensor(tokenizer(handle.read(), add_special_tokens=False).input_ids))
+        parts.append(torch.tensor(tokenizer(read_text(f), add_special_tokens=False).input_ids))
     ids = torch.cat(parts)
     return ids.repeat(math.ceil(total / ids.numel()))[:total]
 

@@ -10,7 +10,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from streamattn.cli.stream import segment_stats
+from streamattn.eval import segment_stats
 
 
 def main() -> None:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli import chat, engine_demo, generate, stream
+from streamattn.cli import chat, engine_demo, generate, recall, stream
 
-COMMANDS = {"stream": stream, "chat": chat, "generate": generate, "engine-demo": engine_demo}
+COMMANDS = {
+    "stream": stream,
+    "chat": chat,
+    "generate": generate,
+    "engine-demo": engine_demo,
+    "recall": recall,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

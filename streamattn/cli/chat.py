@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from streamattn.cli.common import add_model_args, cache_line, parse_policy
+from streamattn.cli.common import add_model_args, cache_line, needs_hf, parse_policy
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -60,6 +60,7 @@ class Conversation:
         torch.save({"stream": self.stream.state_dict(), "messages": self.messages}, path)
 
 
+@needs_hf
 def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     from streamattn.hf import Stream, load_model
 

@@ -1,10 +1,19 @@
-"""Arguments and set-up shared by the LLM subcommands."""
+"""Arguments and set-up shared by the LLM subcommands (CLI only: the package never imports this)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
+import sys
+from collections.abc import Callable
 
-import streamattn as sa
+from streamattn import parse_policy
+
+__all__ = ["HF_MODULES", "add_model_args", "cache_line", "needs_hf", "parse_policy"]
+
+# top-level modules of the `hf` extra (pyproject.toml); a command that runs a model needs all of them
+HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")
 
 
 def add_model_args(p: argparse.ArgumentParser, policy: str = "sinks=4,window=1020") -> None:
@@ -12,19 +21,39 @@ def add_model_args(p: argparse.ArgumentParser, policy: str = "sinks=4,window=102
     p.add_argument("--policy", default=policy, help="'sinks=S,window=W', 'window=W' or 'full'")
 
 
-def parse_policy(spec: str) -> sa.Policy:
-    """'sinks=4,window=1020' -> SinkWindow(4, 1020); 'window=1024' -> SinkWindow(0, 1024); 'full'."""
-    if spec.strip().lower() in ("full", "dense"):
-        return sa.Full()
-    fields = {}
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        if key.strip() not in ("sinks", "window") or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"bad policy {spec!r}: expected 'sinks=S,window=W', 'window=W' or 'full'")
-        fields[key.strip()] = int(value)
-    if "window" not in fields:
-        raise ValueError(f"bad policy {spec!r}: 'window=W' is required (or 'full')")
-    return sa.SinkWindow(sinks=fields.get("sinks", 0), window=fields["window"])
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken or blocked install counts as missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def needs_hf(run: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a command's ``run``: without the ``hf`` extra it prints one line and returns 2.
+
+    Checked before any argument is used or model loaded, so the user learns the fix at once rather
+    than after a long run (``stream`` needs matplotlib only for its final plot).
+    """
+
+    @functools.wraps(run)
+    def checked(args: argparse.Namespace, *rest, **kwargs) -> int:
+        missing = _missing(HF_MODULES)
+        if missing:
+            command = getattr(args, "command", None) or run.__module__.rpartition(".")[2]
+            print(
+                f"streamattn {command}: error: this command needs the 'hf' extra "
+                f"(missing: {', '.join(missing)}); install it with: pip install 'streamattn[hf]'",
+                file=sys.stderr,
+            )
+            return 2
+        return run(args, *rest, **kwargs)
+
+    return checked
 
 
 def cache_line(stream) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli.common import add_model_args, cache_line, parse_policy
+from streamattn.cli.common import add_model_args, cache_line, needs_hf, parse_policy
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -21,6 +21,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
 
 
+@needs_hf
 def run(args: argparse.Namespace) -> int:
     from streamattn.hf import Stream, load_model
 

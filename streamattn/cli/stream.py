@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import gzip
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import streamattn as sa
-from streamattn.cli.common import add_model_args, parse_policy
+from streamattn.cli.common import add_model_args, needs_hf, parse_policy
+from streamattn.eval import read_text, segment_stats
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "emma.txt.gz"
 COMPARE = ("window", "dense", "recompute")
 
 
@@ -43,17 +42,6 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/stream"), help="directory for tokens.csv, stream.png")
 
 
-def read_text(path: Path | None) -> str:
-    path = DEFAULT_TEXT if path is None else path
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-
-
 @dataclass
 class Run:
     name: str
@@ -65,6 +53,7 @@ class Run:
     seconds: float = 0.0
 
 
+@needs_hf
 def run(args: argparse.Namespace) -> int:
     import psutil
 
@@ -197,20 +186,6 @@ def _write_csv(path: Path, runs: list[Run]) -> None:
         for r in runs:
             for row in zip(r.positions, r.nll, r.ms_per_token, r.rss_mb, r.cache_keys, strict=True):
                 writer.writerow([r.name, row[0], f"{row[1]:.5f}", f"{row[2]:.3f}", f"{row[3]:.1f}", row[4]])
-
-
-def segment_stats(positions, nll, ms_per_token, rss_mb, size: int) -> dict[int, tuple[float, float, float]]:
-    """One pass over per-token rows: segment start -> (perplexity, tokens/s, peak RSS).
-
-    Tokens without a score (NaN: a stream's first token) are left out.
-    """
-    acc: dict[int, list[float]] = {}
-    for p, n, ms, rss in zip(positions, nll, ms_per_token, rss_mb, strict=True):
-        if math.isnan(n):
-            continue
-        a = acc.setdefault(p // size * size, [0.0, 0, 0.0, 0.0])
-        a[0], a[1], a[2], a[3] = a[0] + n, a[1] + 1, a[2] + ms, max(a[3], rss)
-    return {s: (math.exp(a[0] / a[1]), 1e3 * a[1] / a[2], a[3]) for s, a in sorted(acc.items())}
 
 
 def _plot(path: Path, runs: list[Run], size: int, trained: int | None) -> None:

@@ -27,12 +27,10 @@ def fresh_model(smollm2, model_cache):
 
 @pytest.fixture(scope="session")
 def emma_ids(smollm2):
-    import gzip
-    from pathlib import Path
-
+    """Token ids of the first 4,000 characters of the shipped *Emma* (nothing outside the repo)."""
     import torch
 
-    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "austen" / "emma.txt.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        text = f.read(4000)
+    from streamattn.eval import read_text
+
+    text = read_text()[:4000]
     return torch.tensor(smollm2[1](text, add_special_tokens=False).input_ids, dtype=torch.long)

@@ -7,9 +7,8 @@ import math
 
 import pytest
 
-import streamattn as sa
 from streamattn.cli import main
-from streamattn.cli.common import parse_policy
+from streamattn.eval import segment_stats
 
 
 def test_stream_command_runs_and_writes_results(smollm2, model_cache, tmp_path, monkeypatch, capsys):
@@ -50,15 +49,7 @@ def test_stream_command_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_parse_policy():
-    assert parse_policy("sinks=4,window=1020") == sa.SinkWindow(sinks=4, window=1020)
-    assert parse_policy("window=1024") == sa.SinkWindow(sinks=0, window=1024)
-    assert parse_policy("full") == sa.Full()
-
-
 def test_segment_stats():
-    from streamattn.cli.stream import segment_stats
-
     positions, nll = [0, 1, 2, 3, 4], [float("nan"), 1.0, 3.0, 2.0, 2.0]
     stats = segment_stats(positions, nll, [9.0, 1.0, 1.0, 2.0, 2.0], [5.0, 6.0, 7.0, 8.0, 1.0], size=2)
     assert list(stats) == [0, 2, 4]  # the unscored first token is left out, not its segment's neighbour

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import streamattn as sa
-from streamattn.cli.stream import read_text
+from streamattn.eval import read_text
 from streamattn.hf import Stream, StreamingCache
 
 TOKENS = 32_768

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import streamattn as sa
-from streamattn.hf import Stream, StreamingCache, rope_from_config
+from streamattn.hf import Stream, rope_from_config
 
 TOL = 1e-4  # fp32 log-probs
 
