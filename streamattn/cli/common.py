@@ -57,7 +57,6 @@ def needs_hf(run: Callable[..., int]) -> Callable[..., int]:
 
 
 def cache_line(stream) -> str:
-    attn = stream.cache.layers[0].attn
-    capacity = attn.policy.capacity
-    kept = attn.cached[0] if attn.cached else 0
+    capacity = stream.cache.capacity
+    kept = stream.cache.cached()[0] if stream.cache.cached() else 0
     return f"[cache {kept:,}/{capacity:,} keys, {stream.seen:,} tokens seen]" if capacity else f"[cache {kept:,} keys]"

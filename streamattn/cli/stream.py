@@ -130,7 +130,7 @@ def _stream_one(console, label, stream, ids, chunk, process) -> Run:
             elapsed = time.perf_counter() - t0
             result.seconds += elapsed
             rss = process.memory_info().rss / 2**20
-            cache = stream.cache.layers[0].attn.cached[0]
+            cache = stream.cache.cached()[0]
             for i, value in enumerate(lp.tolist()):
                 result.positions.append(start + i)
                 result.nll.append(-value)

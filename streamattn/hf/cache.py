@@ -254,6 +254,17 @@ class StreamingCache(Cache):
         self.close()
 
     @property
+    def capacity(self) -> int | None:
+        """Most keys any layer keeps per stream (``None``: some layer grows without bound)."""
+        capacities = [layer.attn.policy.capacity for layer in self.layers]
+        return None if None in capacities else max(capacities)
+
+    def cached(self) -> list[int]:
+        """Keys held per stream by the layer that holds the most (empty before the first forward)."""
+        per_layer = [layer.attn.cached for layer in self.layers if layer.attn.cached]
+        return [max(column) for column in zip(*per_layer, strict=True)] if per_layer else []
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by every layer's stream state (keys, values, sink copies)."""
         return sum(layer.attn.state.nbytes for layer in self.layers if layer.attn.state is not None)

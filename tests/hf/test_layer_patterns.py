@@ -71,6 +71,9 @@ def test_hybrid_model_equals_its_own_dense_forward(name, positions):
         with Stream(model, policy=sa.Full(), positions=positions, chunk_size=chunk) as stream:
             got = stream.feed(ids)[1:]
             policies = stream.cache.layer_policies
+            every_layer_slides = len(stream.cache.layers) == len(SLIDING[name][1])
+            assert stream.cache.capacity == (16 if every_layer_slides else None)
+            assert stream.cache.cached() == [16 if every_layer_slides else 80]
         assert (got - want).abs().max().item() < 1e-4, chunk
     sliding = SLIDING[name][1]
     assert [i for i, p in enumerate(policies) if p == sa.SinkWindow(0, 16)] == sliding
@@ -103,6 +106,7 @@ def test_layer_policies_override_and_change_the_result():
         a = by_token.feed(ids)
     with Stream(model, policy=sa.SinkWindow(4, 12), chunk_size=13) as chunked:
         b = chunked.feed(ids)
+        assert chunked.cache.capacity == 16 and chunked.cache.cached() == [16]  # the sliding layers hold the most
     assert torch.allclose(a, b, atol=1e-4, equal_nan=True)  # the same per-layer policies, any chunking
 
 
