@@ -190,14 +190,16 @@ class StreamState:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, object]:
         """A snapshot (cloned tensors, int64 counters) that ``torch.save`` can write."""
-        return {
+        out = {
             "k": self.k.clone(),
             "v": self.v.clone(),
             "sink_k": None if self.sink_k is None else self.sink_k.clone(),
             "seen": torch.tensor(self.seen, dtype=torch.int64),
             "base": torch.tensor(self.base, dtype=torch.int64),
-            "index": None if self.index is None else self.index.clone(),
         }
+        if self.index is not None:  # absent for engines that derive it (the saved format stays as it was)
+            out["index"] = self.index.clone()
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any, spec: StateSpec) -> StreamState:
