@@ -10,19 +10,9 @@ import transformers
 
 import streamattn as sa
 from streamattn.hf import Stream, StreamingCache
+from tests.hf.test_architectures import COMMON as ARCH_COMMON
 
-COMMON = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "initializer_range": 0.5,  # sharp random weights: outputs depend strongly on what attention sees
-    "eos_token_id": 1,
-    "bos_token_id": 0,
-    "pad_token_id": 0,
-}
+COMMON = {key: value for key, value in ARCH_COMMON.items() if key != "num_hidden_layers"}  # set per config below
 SLIDING = {  # name -> (config, sliding layers)
     "mistral": (lambda: transformers.MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=16), [0, 1]),
     "qwen2": (
