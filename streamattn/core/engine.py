@@ -131,12 +131,7 @@ class SinkWindowEngine:
         """Grow an unbounded (``Full``) buffer to hold ``n_max`` tokens, doubling."""
         if self.window is not None or st.k.shape[2] >= n_max:
             return
-        size = max(n_max, 2 * st.k.shape[2])
-        for name in ("k", "v"):
-            old = getattr(st, name)
-            new = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
-            new[:, :, : old.shape[2]] = old
-            setattr(st, name, new)
+        st.widen(max(n_max, 2 * st.k.shape[2]))
 
     # ------------------------------------------------------------------ positions
     def _maybe_rebase(self, st: StreamState, t: int) -> None:

@@ -136,7 +136,7 @@ class StreamState:
             raise ValueError(f"put needs {other.batch_size} distinct rows (one per stream of other), got {idx}")
         self._check_compatible(other)
         if other.slots > self.slots:
-            self._widen(other.slots)
+            self.widen(other.slots)
         at = torch.tensor(idx, device=self.device)
         n = other.slots
         self.k[at, :, :n], self.v[at, :, :n] = other.k, other.v
@@ -183,7 +183,8 @@ class StreamState:
                 f"= {mine} vs {theirs}"
             )
 
-    def _widen(self, n: int) -> None:
+    def widen(self, n: int) -> None:
+        """Grow the slot buffers to ``n >= slots`` (new slots empty): a growing (``Full``) buffer."""
         widened = _widened_copy(self, n)
         self.k, self.v, self.index = widened.k, widened.v, widened.index
 
