@@ -8,11 +8,22 @@ out = attn(q, k, v)   # q [B, Hq, T, D], k/v [B, Hkv, T, D]
 
 from streamattn import masks, policies, reference
 from streamattn.core import RoPE, StateSpec, StreamingAttention, StreamState, engine_for, register_engine
-from streamattn.policies import Full, IndexPolicy, Policy, SinkWindow, WindowPolicy, parse_policy, policy_from_config
+from streamattn.policies import (
+    Compressed,
+    Full,
+    IndexPolicy,
+    Policy,
+    SinkWindow,
+    WindowPolicy,
+    parse_policy,
+    policy_from_config,
+    scores,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compressed",
     "Full",
     "IndexPolicy",
     "Policy",
@@ -29,4 +40,5 @@ __all__ = [
     "policy_from_config",
     "reference",
     "register_engine",
+    "scores",
 ]

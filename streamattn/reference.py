@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from streamattn.core.rope import RoPE
-from streamattn.policies import Full, Policy, SinkWindow
+from streamattn.policies import Compressed, Full, Policy, SinkWindow
 
 
 def is_visible(policy: Policy, t: int, j: int) -> bool:
@@ -71,6 +71,10 @@ def attention(
     """
     if positions not in ("cache", "absolute"):
         raise ValueError(f"positions must be 'cache' or 'absolute', got {positions!r}")
+    if isinstance(policy, Compressed):
+        if q_idx is not None or kv_idx is not None:
+            raise ValueError("reference: an eviction policy is replayed from the stream's first token (no q_idx/kv_idx)")
+        return replay(q, k, v, policy, rope=rope, positions=positions, scale=scale)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -98,4 +102,69 @@ def attention(
         vv = vv.repeat_interleave(group, dim=1)
         w = torch.softmax((qq @ kk.transpose(-1, -2)) * scale, dim=-1)  # [B, Hq, 1, n]
         out[:, :, qi : qi + 1] = w @ vv
+    return out
+
+
+def replay(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: Compressed,
+    *,
+    rope: RoPE | None = None,
+    positions: str = "cache",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Score-based eviction (``Compressed``) replayed literally, token by token, per stream and kv head.
+
+    Each kv head keeps a Python list of the stream indices it holds and a dict of their scores; the
+    rule of ``streamattn.policies.compressed`` is followed step by step: add the key, attend,
+    accumulate the scorer's observation, and at each eviction point drop the lowest (score, index)
+    candidates. ``[B, Hq, T, D]`` float64.
+    """
+    b, hq, t_len, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    scorer = policy.score
+    out = torch.zeros(b, hq, t_len, d, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hkv):
+            heads = range(h * group, (h + 1) * group)
+            held: list[int] = []
+            score: dict[int, float] = {}
+            for t in range(t_len):
+                held.append(t)
+                static = scorer.key_score(k[bi : bi + 1, :, t : t + 1])  # key-only scorers; else None
+                score[t] = 0.0 if static is None else float(static[0, h, 0])
+                kk, vv, qq = k[bi, h, held], v[bi, h, held], q[bi, list(heads), t : t + 1]  # [n, D], [G, 1, D]
+                if rope is not None:
+                    kpos = torch.tensor(held) if positions == "absolute" else torch.arange(len(held))
+                    qpos = torch.tensor([t]) if positions == "absolute" else torch.tensor([len(held) - 1])
+                    kk, qq = _rope64(kk, kpos, rope.theta), _rope64(qq, qpos, rope.theta)
+                w = torch.softmax((qq @ kk.T) * scale, dim=-1)  # [G, 1, n]
+                out[bi, list(heads), t] = (w @ vv)[:, 0]
+                n = t + 1  # tokens consumed
+                observe = scorer.observe
+                phase = n % policy.every or policy.every  # queries since the last point, this one included
+                if observe is None or (observe > 0 and phase > policy.every - observe):
+                    mean = w[:, 0].mean(dim=0)
+                    for i, j in enumerate(held):
+                        score[j] += float(mean[i])
+                if n % policy.every:
+                    continue
+                if len(held) > policy.budget:
+                    values = [score[j] for j in held]
+                    r = scorer.kernel // 2
+                    pooled = [max(values[max(0, i - r) : i + r + 1]) for i in range(len(held))]
+                    protected = [j < policy.sinks or j >= n - policy.window for j in held]
+                    candidates = sorted(
+                        (pooled[i], j) for i, j in enumerate(held) if not protected[i]
+                    )  # lowest score first, then older first
+                    drop = {j for _, j in candidates[: len(held) - policy.budget]}
+                    held = [j for j in held if j not in drop]
+                    score = {j: score[j] for j in held}
+                if observe is not None and observe > 0:
+                    score = {j: 0.0 for j in held}
     return out

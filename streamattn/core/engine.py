@@ -41,6 +41,33 @@ def _rotation_table(rope: RoPE, start: int, dtype: torch.dtype, device: torch.de
     return table, list(table.unbind(0))
 
 
+class Rotations:
+    """Rotation matrices of decode positions, served from a table of the next ``_TABLE`` positions
+    (rebuilt when left: amortised O(D^2) per token). The table's rows are kept as a list of views,
+    so a lookup launches no kernel. One per engine; the table itself is shared (``_rotation_table``).
+    """
+
+    def __init__(self, rope: RoPE) -> None:
+        self.rope = rope
+        self._table = torch.empty(0)  # [_TABLE, D, D] rotations of positions _start + i
+        self._rows: list[torch.Tensor] = []
+        self._start = 0
+        self._key: tuple[torch.dtype, torch.device] | None = None
+
+    def __call__(self, pos: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Matrices for positions ``pos``: ``[D, D]`` if all equal, else ``[B, 1, D, D]``."""
+        lo, hi = (pos[0], pos[0]) if len(pos) == 1 else (min(pos), max(pos))
+        start = self._start
+        if self._key != (dtype, device) or lo < start or hi >= start + _TABLE:
+            if hi - lo >= _TABLE:
+                return self.rope.rotation_matrices(torch.tensor(pos, device=device), dtype)[:, None]
+            self._table, self._rows = _rotation_table(self.rope, lo, dtype, torch.device(device))
+            self._start, self._key, start = lo, (dtype, device), lo
+        if lo == hi:
+            return self._rows[lo - start]
+        return self._table[torch.tensor(pos, device=device) - start][:, None]
+
+
 @register_engine(SinkWindow, Full)
 class SinkWindowEngine:
     """Realises any policy whose visible set is "first ``sinks`` + last ``window``" (``window=None``:
@@ -67,10 +94,7 @@ class SinkWindowEngine:
         self.scale = scale
         self.rebase_every = rebase_every
         self.block_size = block_size
-        self._table = torch.empty(0)  # [_TABLE, D, D] rotations of positions _table_start + i
-        self._table_rows: list[torch.Tensor] = []
-        self._table_start = 0
-        self._table_key: tuple[torch.dtype, torch.device] | None = None
+        self._rotations = Rotations(rope) if rope is not None else None
 
     # ------------------------------------------------------------------ state
     def new_state(self, b: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> StreamState:
@@ -96,6 +120,9 @@ class SinkWindowEngine:
             sink_k=self.rope is not None and self.sinks > 0,
             index=False,
         )
+
+    def check_inputs(self, hkv: int, d: int) -> None:
+        """Nothing beyond ``StreamingAttention``'s own checks."""
 
     def slot_index(self, st: StreamState) -> torch.Tensor:
         """``[B, Hkv, N]`` int64 stream index held by each slot (``EMPTY`` if none), on the state's device."""
@@ -159,23 +186,6 @@ class SinkWindowEngine:
         cdt = compute_dtype(st.dtype)
         m = self.rope.rotation_matrices(torch.tensor(self._display_position(st, b), device=st.device), cdt)
         st.k[b, :, : self.sinks] = torch.matmul(st.sink_k[b].to(cdt), m)
-
-    def _rotations(self, pos: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Rotation matrices for frame positions ``pos``: ``[D, D]`` if all equal, else ``[B, 1, D, D]``.
-
-        Served from a table of the next ``_TABLE`` positions (rebuilt when left: amortised O(D^2)
-        per token); the table's rows are kept as a list of views so a lookup launches no kernel.
-        """
-        lo, hi = (pos[0], pos[0]) if len(pos) == 1 else (min(pos), max(pos))
-        start = self._table_start
-        if self._table_key != (dtype, device) or lo < start or hi >= start + _TABLE:
-            if hi - lo >= _TABLE:
-                return self.rope.rotation_matrices(torch.tensor(pos, device=device), dtype)[:, None]
-            self._table, self._table_rows = _rotation_table(self.rope, lo, dtype, torch.device(device))
-            self._table_start, self._table_key, start = lo, (dtype, device), lo
-        if lo == hi:
-            return self._table_rows[lo - start]
-        return self._table[torch.tensor(pos, device=device) - start][:, None]
 
     # ------------------------------------------------------------------ decode: T == 1
     def decode(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

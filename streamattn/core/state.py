@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 EMPTY = 2**62  # stream index recorded for an empty slot: no query ever sees it
+_SLOT_FIELDS = ("index", "score", "k_raw")  # optional per-slot tensors, [B, Hkv, N, ...]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class StateSpec:
     head_dim: int | None
     sink_k: bool
     index: bool
+    score: bool = False
+    k_raw: bool = False
+
+    def load(self, raw: Any) -> StreamState:
+        """``StreamState.from_dict(raw, self)``: a validated new state or ``ValueError``."""
+        return StreamState.from_dict(raw, self)
 
 
 @dataclass
@@ -47,6 +54,10 @@ class StreamState:
     - ``index``: ``[B, Hkv, N]`` int64 on the state's device, the stream index each slot holds per
       kv head (``EMPTY`` if none), for engines that evict by data; ``None`` where the slot of a token
       is a closed-form function of ``seen`` (the engine's ``slot_index(state)`` derives it).
+    - ``score``: ``[B, Hkv, N]`` per-slot eviction score (float64 for float64 states, else float32)
+      of engines that evict by score; ``None`` otherwise.
+    - ``k_raw``: ``[B, Hkv, N, D]`` un-rotated keys, for engines that re-rotate kept keys when their
+      position changes (score-based eviction in ``positions="cache"``); ``None`` otherwise.
 
     ``seen``/``base`` are host-side ints: every call needs them for control flow (block sizes,
     rebasing, buffer growth), and reading them from a device tensor would synchronise each step.
@@ -59,6 +70,8 @@ class StreamState:
     seen: list[int]
     base: list[int]
     index: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    k_raw: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -85,7 +98,11 @@ class StreamState:
         return self.k.device
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.k, self.v, self.sink_k, self.index) if t is not None]
+        return [t for t in (self.k, self.v, self.sink_k, *self.slot_fields().values()) if t is not None]
+
+    def slot_fields(self) -> dict[str, torch.Tensor | None]:
+        """The optional per-slot tensors (``[B, Hkv, N, ...]``) by name."""
+        return {name: getattr(self, name) for name in _SLOT_FIELDS}
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +139,7 @@ class StreamState:
             sink_k=pick(self.sink_k),
             seen=[self.seen[i] for i in idx],
             base=[self.base[i] for i in idx],
-            index=pick(self.index),
+            **{name: pick(t) for name, t in self.slot_fields().items()},
         )
 
     def put(self, rows: torch.Tensor | Sequence[int], other: StreamState) -> None:
@@ -140,9 +157,10 @@ class StreamState:
         at = torch.tensor(idx, device=self.device)
         n = other.slots
         self.k[at, :, :n], self.v[at, :, :n] = other.k, other.v
-        if self.index is not None:
-            self.index[at] = EMPTY
-            self.index[at, :, :n] = other.index
+        for name, mine in self.slot_fields().items():
+            if mine is not None:
+                mine[at] = EMPTY if name == "index" else 0
+                mine[at, :, :n] = getattr(other, name)
         if self.sink_k is not None:
             self.sink_k[at] = other.sink_k
         for i, r in enumerate(idx):
@@ -169,24 +187,29 @@ class StreamState:
             sink_k=join("sink_k"),
             seen=[x for s in states for x in s.seen],
             base=[x for s in states for x in s.base],
-            index=join("index"),
+            **{name: join(name) for name in _SLOT_FIELDS},
         )
 
     def _check_compatible(self, other: StreamState) -> None:
         if not isinstance(other, StreamState):
             raise TypeError(f"expected a StreamState, got {type(other).__name__}")
-        mine = (self.kv_heads, self.head_dim, self.dtype, self.device, self.sink_k is None, self.index is None)
-        theirs = (other.kv_heads, other.head_dim, other.dtype, other.device, other.sink_k is None, other.index is None)
+        def layout(st: StreamState) -> tuple:
+            held = tuple(name for name, t in st.slot_fields().items() if t is not None)
+            return (st.kv_heads, st.head_dim, st.dtype, st.device, st.sink_k is not None, held)
+
+        mine, theirs = layout(self), layout(other)
         if mine != theirs or (self.sink_k is not None and self.sink_k.shape[2] != other.sink_k.shape[2]):
             raise ValueError(
-                "states of different layouts cannot share a batch: (Hkv, D, dtype, device, no sink_k, no index) "
+                "states of different layouts cannot share a batch: (Hkv, D, dtype, device, sink_k, slot fields) "
                 f"= {mine} vs {theirs}"
             )
 
     def widen(self, n: int) -> None:
         """Grow the slot buffers to ``n >= slots`` (new slots empty): a growing (``Full``) buffer."""
         widened = _widened_copy(self, n)
-        self.k, self.v, self.index = widened.k, widened.v, widened.index
+        self.k, self.v = widened.k, widened.v
+        for name, t in widened.slot_fields().items():
+            setattr(self, name, t)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, object]:
@@ -198,8 +221,9 @@ class StreamState:
             "seen": torch.tensor(self.seen, dtype=torch.int64),
             "base": torch.tensor(self.base, dtype=torch.int64),
         }
-        if self.index is not None:  # absent for engines that derive it (the saved format stays as it was)
-            out["index"] = self.index.clone()
+        for name, t in self.slot_fields().items():  # absent when unused (the saved format stays as it was)
+            if t is not None:
+                out[name] = t.clone()
         return out
 
     @classmethod
@@ -211,7 +235,8 @@ class StreamState:
         if not isinstance(raw, Mapping):
             raise ValueError(f"malformed stream state: expected a dict, got {type(raw).__name__}")
         try:
-            k, v, sink_k, index = raw["k"], raw["v"], raw["sink_k"], raw.get("index")
+            k, v, sink_k = raw["k"], raw["v"], raw["sink_k"]
+            fields = {name: raw.get(name) for name in _SLOT_FIELDS}
             seen, base = [int(x) for x in raw["seen"]], [int(x) for x in raw["base"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed stream state: {exc!r}") from None
@@ -238,12 +263,21 @@ class StreamState:
             and (sink_k.shape != (b, hkv, spec.sinks, d) or sink_k.dtype != k.dtype or sink_k.device != k.device)
         ):
             raise ValueError("malformed stream state: sink_k does not match the policy")
-        if spec.index != isinstance(index, torch.Tensor) or (
-            spec.index and (index.shape != (b, hkv, slots) or index.dtype != torch.int64 or index.device != k.device)
-        ):
-            raise ValueError("malformed stream state: index must be an int64 [B, Hkv, slots] tensor for this policy")
+        expected = {
+            "index": ((b, hkv, slots), torch.int64),
+            "score": ((b, hkv, slots), torch.float64 if k.dtype == torch.float64 else torch.float32),
+            "k_raw": ((b, hkv, slots, d), k.dtype),
+        }
+        for name, t in fields.items():
+            shape, dtype = expected[name]
+            wanted = getattr(spec, name)
+            if wanted != isinstance(t, torch.Tensor) or (
+                wanted and (t.shape != shape or t.dtype != dtype or t.device != k.device)
+            ):
+                need = f"a {dtype} {list(shape)} tensor on {k.device}" if wanted else "absent"
+                raise ValueError(f"malformed stream state: {name} must be {need} for this policy")
         state = cls(k=k.clone(), v=v.clone(), sink_k=None if sink_k is None else sink_k.clone(), seen=seen, base=base)
-        return replace(state, index=None if index is None else index.clone())
+        return replace(state, **{name: None if t is None else t.clone() for name, t in fields.items()})
 
 
 def _widened_copy(st: StreamState, n: int) -> StreamState:
@@ -252,9 +286,9 @@ def _widened_copy(st: StreamState, n: int) -> StreamState:
     def grow(t: torch.Tensor) -> torch.Tensor:
         return torch.cat((t, t.new_zeros(*t.shape[:2], n - t.shape[2], *t.shape[3:])), dim=2)
 
-    index = None
-    if st.index is not None:
-        index = torch.cat((st.index, st.index.new_full((*st.index.shape[:2], n - st.slots), EMPTY)), dim=2)
-    return StreamState(
-        k=grow(st.k), v=grow(st.v), sink_k=st.sink_k, seen=list(st.seen), base=list(st.base), index=index
-    )
+    fields = {}
+    for name, t in st.slot_fields().items():
+        if t is not None:
+            pad = t.new_full((*t.shape[:2], n - st.slots, *t.shape[3:]), EMPTY if name == "index" else 0)
+            fields[name] = torch.cat((t, pad), dim=2)
+    return StreamState(k=grow(st.k), v=grow(st.v), sink_k=st.sink_k, seen=list(st.seen), base=list(st.base), **fields)

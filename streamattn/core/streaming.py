@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import streamattn.core.budget  # noqa: F401  (registers the budget engine)
 import streamattn.core.engine  # noqa: F401  (registers the sinks + window engine)
 from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
@@ -120,13 +121,13 @@ class StreamingAttention(nn.Module):
             raise TypeError(f"add_streams takes a StreamState, got {type(state).__name__}")
         self._check_layout(state)
         self.state = (
-            state.select(range(state.batch_size)) if self.state is None else StreamState.cat([self.state, state])
+            state.select(range(state.batch_size)) if self.state is None else type(self.state).cat([self.state, state])
         )
         self._checked = None
 
     def _check_layout(self, state: StreamState) -> None:
         """``state`` must be what this operator's engine produces (validated like a saved state)."""
-        StreamState.from_dict({**state.to_dict()}, self.engine.spec)
+        self.engine.spec.load(state.to_dict())
 
     def extra_repr(self) -> str:
         return f"policy={self.policy}, rope={self.rope}, positions={self.positions!r}, scale={self.scale}"
@@ -179,6 +180,7 @@ class StreamingAttention(nn.Module):
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
         if self.rope is not None and d != self.rope.head_dim:
             raise ValueError(f"head_dim {d} of q/k/v does not match rope.head_dim {self.rope.head_dim}")
+        self.engine.check_inputs(hkv, d)
         st = self.state
         if st is not None:
             if (st.batch_size, st.kv_heads, st.head_dim) != (b, hkv, d):
@@ -241,7 +243,7 @@ class StreamingAttention(nn.Module):
             raise ValueError(f"state comes from another configuration: (theirs, ours) = {diff}")
         policy_from_config(config["policy"])
         raw = extra.get("state")
-        return None if raw is None else StreamState.from_dict(raw, self.engine.spec)
+        return None if raw is None else self.engine.spec.load(raw)
 
 
 def _signature(q: Any, k: Any, v: Any) -> tuple | None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamattn.policies import scores
 from streamattn.policies.base import IndexPolicy, Policy, WindowPolicy
+from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
 from streamattn.policies.sink_window import SinkWindow
 
-_REGISTRY: dict[str, type] = {"SinkWindow": SinkWindow, "Full": Full}
+_REGISTRY: dict[str, type] = {"SinkWindow": SinkWindow, "Full": Full, "Compressed": Compressed}
 
 
 def policy_from_config(config: dict[str, Any]) -> Policy:
@@ -26,4 +28,4 @@ def policy_from_config(config: dict[str, Any]) -> Policy:
 
 from streamattn.policies.spec import parse_policy  # noqa: E402  (the spec grammar builds on the registry)
 
-__all__ = ["Full", "IndexPolicy", "Policy", "SinkWindow", "WindowPolicy", "parse_policy", "policy_from_config"]
+__all__ = ["Compressed", "Full", "IndexPolicy", "Policy", "SinkWindow", "WindowPolicy", "parse_policy", "policy_from_config", "scores"]
