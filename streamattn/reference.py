@@ -114,13 +114,15 @@ def replay(
     rope: RoPE | None = None,
     positions: str = "cache",
     scale: float | None = None,
+    held_out: list[list[list[int]]] | None = None,
 ) -> torch.Tensor:
     """Score-based eviction (``Compressed``) replayed literally, token by token, per stream and kv head.
 
     Each kv head keeps a Python list of the stream indices it holds and a dict of their scores; the
     rule of ``streamattn.policies.compressed`` is followed step by step: add the key, attend,
     accumulate the scorer's observation, and at each eviction point drop the lowest (score, index)
-    candidates. ``[B, Hq, T, D]`` float64.
+    candidates. ``[B, Hq, T, D]`` float64. ``held_out``, if given, receives ``held_out[b][h]``: the
+    stream indices each kv head holds at the end.
     """
     b, hq, t_len, d = q.shape
     hkv = k.shape[1]
@@ -167,4 +169,8 @@ def replay(
                     score = {j: score[j] for j in held}
                 if observe is not None and observe > 0:
                     score = {j: 0.0 for j in held}
+            if held_out is not None:
+                if h == 0:
+                    held_out.append([])
+                held_out[bi].append(held)
     return out

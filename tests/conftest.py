@@ -17,6 +17,20 @@ POLICIES = [
     pytest.param(sa.Full(), id="full"),
 ]
 POSITIONS = ["cache", "absolute"]
+
+
+def _qfilters(hkv: int, d: int) -> sa.scores.QFilters:
+    return sa.scores.QFilters(torch.randn(hkv, d, generator=torch.Generator().manual_seed(hkv * 100 + d)))
+
+
+# One row per scorer of Compressed: ``make(hkv, d) -> scorer`` (Q-Filters needs one direction per kv head).
+SCORERS = [
+    pytest.param(lambda hkv, d: sa.scores.KeyNorm(), id="knorm"),
+    pytest.param(lambda hkv, d: sa.scores.TOVA(), id="tova"),
+    pytest.param(lambda hkv, d: sa.scores.H2O(), id="h2o"),
+    pytest.param(lambda hkv, d: sa.scores.SnapKV(window=4, kernel=3), id="snapkv"),
+    pytest.param(_qfilters, id="qfilters"),
+]
 HEADS = [pytest.param((9, 3), id="gqa9_3"), pytest.param((4, 4), id="mha4_4"), pytest.param((8, 1), id="mqa8_1")]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 

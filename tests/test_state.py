@@ -125,5 +125,5 @@ def test_engines_with_the_same_rope_share_one_decode_rotation_table():
     for attn in layers:
         attn(q, k, v)
         attn(q[:, :, :1], k[:, :, :1], v[:, :, :1])  # decode: uses the table
-    tables = [attn.engine._table for attn in layers]
+    tables = [attn.engine._rotations._table for attn in layers]
     assert tables[0].numel() and all(t is tables[0] for t in tables)
