@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from streamattn.core.rope import RoPE
-from streamattn.policies import Compressed, Full, Policy, SinkWindow
+from streamattn.policies import Compressed, Full, PerHead, Policy, SinkWindow
 
 
 def is_visible(policy: Policy, t: int, j: int) -> bool:
@@ -71,9 +71,28 @@ def attention(
     """
     if positions not in ("cache", "absolute"):
         raise ValueError(f"positions must be 'cache' or 'absolute', got {positions!r}")
+    if isinstance(policy, PerHead):  # each kv head by its own policy; a query head goes with its kv head
+        out = torch.zeros(q.shape, dtype=torch.float64)
+        g = q.shape[1] // k.shape[1]
+        for sub, heads in policy.groups:
+            qh = [h * g + i for h in heads for i in range(g)]
+            out[:, qh] = attention(
+                q[:, qh],
+                k[:, heads],
+                v[:, heads],
+                sub,
+                rope=rope,
+                positions=positions,
+                scale=scale,
+                q_idx=q_idx,
+                kv_idx=kv_idx,
+            )
+        return out
     if isinstance(policy, Compressed):
         if q_idx is not None or kv_idx is not None:
-            raise ValueError("reference: an eviction policy is replayed from the stream's first token (no q_idx/kv_idx)")
+            raise ValueError(
+                "reference: an eviction policy is replayed from the stream's first token (no q_idx/kv_idx)"
+            )
         return replay(q, k, v, policy, rope=rope, positions=positions, scale=scale)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]

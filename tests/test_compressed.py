@@ -65,7 +65,9 @@ def test_ragged_batch_equals_each_stream_alone(make, positions):
     outs = stream_ragged(attn, qs, ks, vs, [chunk_sizes("random", n, seed=i) for i, n in enumerate(lengths)])
     for i in range(3):
         held: list = []
-        ref = reference.replay(qs[i][None], ks[i][None], vs[i][None], pol, rope=rope, positions=positions, held_out=held)
+        ref = reference.replay(
+            qs[i][None], ks[i][None], vs[i][None], pol, rope=rope, positions=positions, held_out=held
+        )
         assert max_err(outs[i], ref[0]) < 1e-12
         assert kept(attn)[i] == held[0]
 
@@ -92,7 +94,10 @@ def test_ties_evict_the_older_key_first():
     pol = sa.Compressed(sinks=1, window=2, budget=6, score=sa.scores.KeyNorm(), every=4)
     g = torch.Generator().manual_seed(0)
     k = torch.randint(0, 2, (1, 1, 40, D), generator=g).double() * 2 - 1  # +-1 entries: norm sqrt(D) exactly
-    q, v = torch.randn(1, 2, 40, D, generator=g, dtype=torch.float64), torch.randn(1, 1, 40, D, generator=g, dtype=torch.float64)
+    q, v = (
+        torch.randn(1, 2, 40, D, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 40, D, generator=g, dtype=torch.float64),
+    )
     attn = sa.StreamingAttention(pol, sa.RoPE(D), "cache")
     out = stream(attn, q, k, v, [40])
     assert kept(attn)[0][0] == [0, 35, 36, 37, 38, 39]  # sink, newest candidates, window

@@ -17,10 +17,33 @@ import streamattn as sa
         ("window=8,window=9", sa.SinkWindow(sinks=0, window=9)),  # the last one wins
         ("full", sa.Full()),
         (" Dense ", sa.Full()),
+        ("sinks=4,window=64,budget=1024", sa.Compressed(4, 64, 1024, sa.scores.TOVA(), 64)),
+        ("sinks=4,window=64,budget=512,score=h2o,every=32", sa.Compressed(4, 64, 512, sa.scores.H2O(), 32)),
+        ("window=8,budget=100,score=KNorm", sa.Compressed(0, 8, 100, sa.scores.KeyNorm(), 64)),
+        ("window=8,budget=100,score=snapkv", sa.Compressed(0, 8, 100, sa.scores.SnapKV(32, 7), 64)),
+        ("window=8,budget=100,score=snapkv:16:5,every=16", sa.Compressed(0, 8, 100, sa.scores.SnapKV(16, 5), 16)),
     ],
 )
 def test_specs(spec, want):
     assert sa.parse_policy(spec) == want
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        sa.Full(),
+        sa.SinkWindow(4, 60),
+        sa.SinkWindow(0, 7),
+        sa.Compressed(4, 64, 960, sa.scores.SnapKV(16, 3), 64),
+        sa.Compressed(0, 8, 100, sa.scores.H2O(), 4),
+        sa.Compressed(2, 8, 100, sa.scores.KeyNorm(), 4),
+    ],
+    ids=str,
+)
+def test_policy_spec_round_trips(policy):
+    from streamattn.policies.spec import policy_spec
+
+    assert sa.parse_policy(policy_spec(policy)) == policy
 
 
 def test_round_trip_through_the_policy_name_fields():
@@ -32,7 +55,7 @@ def test_round_trip_through_the_policy_name_fields():
     ("spec", "message"),
     [
         ("sinks=4", "'window=W' is required"),
-        ("", "expected 'sinks=S,window=W', 'window=W' or 'full'"),
+        ("", "expected 'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B"),
         ("window=", "expected"),
         ("window=1k", "expected"),
         ("window=--3", "expected"),
@@ -42,6 +65,13 @@ def test_round_trip_through_the_policy_name_fields():
         ("sinks=4;window=8", "expected"),
         ("sinks=4,window=0", "window must be >= 1"),  # the policy's own range check
         ("sinks=-1,window=8", "sinks must be >= 0"),
+        ("window=8,score=tova", "needs 'budget=B'"),
+        ("window=8,every=8", "needs 'budget=B'"),
+        ("window=8,budget=100,score=lru", "expected one of knorm, tova"),
+        ("window=8,budget=100,score=snapkv:x", "expected one of"),
+        ("window=8,budget=100,score=qfilters", "streamattn calibrate"),
+        ("sinks=4,window=64,budget=10", "budget must be >= 68"),
+        ("window=8,budget=100,score=snapkv:128", "use every >= 128"),
     ],
 )
 def test_bad_specs_are_value_errors_naming_the_forms(spec, message):

@@ -10,7 +10,12 @@ from collections.abc import Callable
 
 from streamattn import parse_policy
 
-__all__ = ["HF_MODULES", "add_model_args", "cache_line", "needs_hf", "parse_policy"]
+POLICY_HELP = (
+    "'sinks=S,window=W', 'window=W', 'full', or compressed 'sinks=S,window=W,budget=B,score=NAME,every=E' "
+    "(NAME: knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]])"
+)
+
+__all__ = ["POLICY_HELP", "HF_MODULES", "add_model_args", "cache_line", "needs_hf", "parse_policy"]
 
 # top-level modules of the `hf` extra (pyproject.toml); a command that runs a model needs all of them
 HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")
@@ -18,7 +23,7 @@ HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")
 
 def add_model_args(p: argparse.ArgumentParser, policy: str = "sinks=4,window=1020") -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model dir or a .gguf file")
-    p.add_argument("--policy", default=policy, help="'sinks=S,window=W', 'window=W' or 'full'")
+    p.add_argument("--policy", default=policy, help=POLICY_HELP)
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:

@@ -25,7 +25,7 @@ import argparse
 import time
 from pathlib import Path
 
-from streamattn.cli.common import needs_hf
+from streamattn.cli.common import POLICY_HELP, needs_hf
 from streamattn.eval import read_text
 from streamattn.eval.recall import (
     RecallConfig,
@@ -45,7 +45,7 @@ from streamattn.policies.spec import parse_policy
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model dir or a .gguf file")
-    p.add_argument("--policy", default="sinks=4,window=1020", help="'sinks=S,window=W', 'window=W' or 'full'")
+    p.add_argument("--policy", default="sinks=4,window=1020", help=POLICY_HELP)
     p.add_argument(
         "--compare",
         action="append",

@@ -27,6 +27,7 @@ from rich.table import Table
 import streamattn as sa
 from streamattn.cli.common import add_model_args, needs_hf, parse_policy
 from streamattn.eval import read_text, segment_stats
+from streamattn.policies.spec import policy_spec
 
 COMPARE = ("window", "dense", "recompute")
 
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
 def _label(policy: sa.Policy) -> str:
     if isinstance(policy, sa.Full):
         return "dense (full)"
+    if not isinstance(policy, sa.SinkWindow):
+        return policy_spec(policy)
     return f"sinks {policy.sinks} + window {policy.window}" if policy.sinks else f"window {policy.window}"
 
 

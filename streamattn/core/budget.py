@@ -176,7 +176,9 @@ class BudgetEngine:
         if observed is not None:
             first = int(observed.any(dim=0).nonzero()[0])  # first column any stream observes
             rows = None if mask is None else mask[:, :, first:]
-            obs_out, _, w = attend_with_lse(qw[:, :, first:], keys.to(cdt), values.to(cdt), rows, self.scale, weights=True)
+            obs_out, _, w = attend_with_lse(
+                qw[:, :, first:], keys.to(cdt), values.to(cdt), rows, self.scale, weights=True
+            )
             w = w.view(bsz, hkv, hq // hkv, t - first, span).mean(dim=2)  # [B, Hkv, R, L]
             w = w * observed[:, None, first:, None]
             st.score[:, :, :span] += w.sum(dim=2)

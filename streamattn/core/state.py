@@ -109,6 +109,10 @@ class StreamState:
         """Bytes held by the state's tensors (constant for a bounded policy once allocated)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def head_nbytes(self) -> list[int]:
+        """Bytes held for each kv head (every head of one state holds the same)."""
+        return [self.nbytes // self.kv_heads] * self.kv_heads
+
     # ------------------------------------------------------------------ rows: streams leave and join
     def _rows(self, rows: torch.Tensor | Sequence[int]) -> list[int]:
         values = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
@@ -193,6 +197,7 @@ class StreamState:
     def _check_compatible(self, other: StreamState) -> None:
         if not isinstance(other, StreamState):
             raise TypeError(f"expected a StreamState, got {type(other).__name__}")
+
         def layout(st: StreamState) -> tuple:
             held = tuple(name for name, t in st.slot_fields().items() if t is not None)
             return (st.kv_heads, st.head_dim, st.dtype, st.device, st.sink_k is not None, held)

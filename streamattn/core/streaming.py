@@ -11,8 +11,10 @@ from torch import nn
 
 import streamattn.core.budget  # noqa: F401  (registers the budget engine)
 import streamattn.core.engine  # noqa: F401  (registers the sinks + window engine)
+import streamattn.core.per_head  # noqa: F401  (registers the per-head engine)
 from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
+from streamattn.core.per_head import PerHeadState
 from streamattn.core.state import StreamState
 from streamattn.policies import Policy, SinkWindow, policy_from_config
 
@@ -71,7 +73,7 @@ class StreamingAttention(nn.Module):
         self.policy, self.rope, self.positions = policy, rope, positions
         self.scale = None if scale is None else float(scale)
         self.engine = engine_cls(policy, rope, positions, self.scale, rebase_every, block_size)
-        self.state: StreamState | None = None
+        self.state: StreamState | PerHeadState | None = None
         self._checked: tuple | None = None  # signature of inputs last validated against self.state
 
     # ------------------------------------------------------------------ streaming
@@ -117,7 +119,7 @@ class StreamingAttention(nn.Module):
 
     def add_streams(self, state: StreamState) -> None:
         """Append the streams of ``state`` (e.g. ``other.state`` or ``other.state.select(...)``) to the batch."""
-        if not isinstance(state, StreamState):
+        if not isinstance(state, (StreamState, PerHeadState)):
             raise TypeError(f"add_streams takes a StreamState, got {type(state).__name__}")
         self._check_layout(state)
         self.state = (

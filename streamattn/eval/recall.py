@@ -94,10 +94,10 @@ def format_distance(d: int) -> str:
 
 
 def policy_label(policy: sa.Policy) -> str:
-    """A policy as the CLI spells it: ``"full"``, ``"window=1024"``, ``"sinks=4,window=1020"``."""
-    if policy.window is None:
-        return "full"
-    return f"sinks={policy.sinks},window={policy.window}" if policy.sinks else f"window={policy.window}"
+    """A policy as the CLI spells it: ``"full"``, ``"window=1024"``, ``"sinks=4,window=1020"``, ..."""
+    from streamattn.policies.spec import policy_spec
+
+    return policy_spec(policy)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from streamattn.policies import scores
 from streamattn.policies.base import IndexPolicy, Policy, WindowPolicy
 from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
+from streamattn.policies.per_head import PerHead
 from streamattn.policies.sink_window import SinkWindow
 
-_REGISTRY: dict[str, type] = {"SinkWindow": SinkWindow, "Full": Full, "Compressed": Compressed}
+_REGISTRY: dict[str, type] = {"SinkWindow": SinkWindow, "Full": Full, "Compressed": Compressed, "PerHead": PerHead}
 
 
 def policy_from_config(config: dict[str, Any]) -> Policy:
@@ -28,4 +29,15 @@ def policy_from_config(config: dict[str, Any]) -> Policy:
 
 from streamattn.policies.spec import parse_policy  # noqa: E402  (the spec grammar builds on the registry)
 
-__all__ = ["Compressed", "Full", "IndexPolicy", "Policy", "SinkWindow", "WindowPolicy", "parse_policy", "policy_from_config", "scores"]
+__all__ = [
+    "Compressed",
+    "Full",
+    "IndexPolicy",
+    "PerHead",
+    "Policy",
+    "SinkWindow",
+    "WindowPolicy",
+    "parse_policy",
+    "policy_from_config",
+    "scores",
+]

@@ -4,23 +4,74 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
 
     spec    := "full" | "dense" | fields
     fields  := field ("," field)*          # "window" required; a repeated name: the last one wins
-    field   := ("sinks" | "window") "=" INT
+    field   := ("sinks" | "window" | "budget" | "every") "=" INT | "score=" scorer
+    scorer  := "knorm" | "tova" | "h2o" | "snapkv" [":" INT [":" INT]]     # snapkv:WINDOW:KERNEL
 
-    "sinks=4,window=1020"  -> SinkWindow(sinks=4, window=1020)
-    "window=1024"          -> SinkWindow(sinks=0, window=1024)   (a plain sliding window)
-    "full" / "dense"       -> Full()
+    "sinks=4,window=1020"   -> SinkWindow(sinks=4, window=1020)
+    "window=1024"           -> SinkWindow(sinks=0, window=1024)   (a plain sliding window)
+    "full" / "dense"        -> Full()
+    "sinks=4,window=64,budget=1024,score=h2o,every=64"
+                            -> Compressed(4, 64, 1024, H2O(), 64)  (budget makes it compressed;
+                               score defaults to tova, every to 64)
 
-Malformed specs raise ``ValueError`` naming the expected forms; out-of-range values raise the
-policy's own ``ValueError`` (e.g. ``window must be >= 1``).
+An absent ``sinks`` is 0 in every form. Q-Filters need directions calibrated for a model, which a
+string cannot carry: build ``scores.QFilters`` from a profile (``streamattn calibrate``). Malformed
+specs raise ``ValueError`` naming the expected forms; out-of-range values raise the policy's own
+``ValueError`` (e.g. ``window must be >= 1``).
 """
 
 from __future__ import annotations
 
 from streamattn.policies.base import Policy
+from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
+from streamattn.policies.scores import H2O, TOVA, KeyNorm, Scorer, SnapKV
 from streamattn.policies.sink_window import SinkWindow
 
-_FORMS = "'sinks=S,window=W', 'window=W' or 'full'"
+_FORMS = "'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B[,score=NAME][,every=E]' or 'full'"
+_SCORERS = "knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]"
+_INTS = ("sinks", "window", "budget", "every")
+
+
+def _is_int(value: str) -> bool:
+    return value.strip().removeprefix("-").isdecimal()
+
+
+def parse_scorer(spec: str) -> Scorer:
+    """The scorer a name names (``knorm``, ``tova``, ``h2o``, ``snapkv[:WINDOW[:KERNEL]]``)."""
+    name, *args = [part.strip() for part in spec.strip().lower().split(":")]
+    simple = {"knorm": KeyNorm, "tova": TOVA, "h2o": H2O}
+    if name in simple and not args:
+        return simple[name]()
+    if name == "snapkv" and len(args) <= 2 and all(_is_int(a) for a in args):
+        return SnapKV(*(int(a) for a in args))
+    if name == "qfilters":
+        raise ValueError(
+            "score=qfilters needs per-head directions calibrated for a model: run `streamattn calibrate` and "
+            "pass its profile (--profile), or build streamattn.scores.QFilters from one"
+        )
+    raise ValueError(f"bad scorer {spec!r}: expected one of {_SCORERS}")
+
+
+def scorer_spec(scorer: Scorer) -> str:
+    """The name ``parse_scorer`` reads back (Q-Filters, which a string cannot carry: ``qfilters``)."""
+    if isinstance(scorer, SnapKV):
+        return f"snapkv:{scorer.window}:{scorer.kernel}"
+    return {KeyNorm: "knorm", TOVA: "tova", H2O: "h2o"}.get(type(scorer), scorer.name)
+
+
+def policy_spec(policy: Policy) -> str:
+    """A policy as a spec string (``parse_policy(policy_spec(p)) == p`` for the policies a string can carry)."""
+    if isinstance(policy, Full):
+        return "full"
+    if isinstance(policy, SinkWindow):
+        return f"sinks={policy.sinks},window={policy.window}" if policy.sinks else f"window={policy.window}"
+    if isinstance(policy, Compressed):
+        return (
+            f"sinks={policy.sinks},window={policy.window},budget={policy.budget},"
+            f"score={scorer_spec(policy.score)},every={policy.every}"
+        )
+    return policy.name
 
 
 def parse_policy(spec: str) -> Policy:
@@ -30,11 +81,23 @@ def parse_policy(spec: str) -> Policy:
     if spec.strip().lower() in ("full", "dense"):
         return Full()
     fields: dict[str, int] = {}
+    score: Scorer | None = None
     for part in spec.split(","):
         key, _, value = part.partition("=")
-        if key.strip() not in ("sinks", "window") or not value.strip().removeprefix("-").isdecimal():
+        key = key.strip()
+        if key == "score" and value.strip():
+            score = parse_scorer(value)
+            continue
+        if key not in _INTS or not _is_int(value):
             raise ValueError(f"bad policy {spec!r}: expected {_FORMS}")
-        fields[key.strip()] = int(value)
+        fields[key] = int(value)
     if "window" not in fields:
         raise ValueError(f"bad policy {spec!r}: 'window=W' is required (or 'full')")
-    return SinkWindow(sinks=fields.get("sinks", 0), window=fields["window"])
+    sinks = fields.get("sinks", 0)
+    if "budget" in fields:
+        return Compressed(sinks, fields["window"], fields["budget"], score or TOVA(), fields.get("every", 64))
+    if score is not None or "every" in fields:
+        raise ValueError(
+            f"bad policy {spec!r}: 'score' and 'every' belong to a compressed policy, which needs 'budget=B'"
+        )
+    return SinkWindow(sinks=sinks, window=fields["window"])

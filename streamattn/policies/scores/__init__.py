@@ -17,7 +17,9 @@ _REGISTRY: dict[str, type] = {"KeyNorm": KeyNorm, "TOVA": TOVA, "H2O": H2O, "Sna
 def scorer_from_config(config: Any) -> Scorer:
     """Inverse of ``scorer.to_config()``; ``ValueError`` on an unknown or malformed config."""
     if not isinstance(config, dict) or config.get("type") not in _REGISTRY:
-        raise ValueError(f"unknown scorer config {config!r}; expected a dict whose 'type' is one of {sorted(_REGISTRY)}")
+        raise ValueError(
+            f"unknown scorer config {config!r}; expected a dict whose 'type' is one of {sorted(_REGISTRY)}"
+        )
     try:
         return _REGISTRY[config["type"]](**{k: v for k, v in config.items() if k != "type"})
     except TypeError as exc:
