@@ -15,7 +15,7 @@ POLICY_HELP = (
     "(NAME: knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]])"
 )
 
-__all__ = ["POLICY_HELP", "HF_MODULES", "add_model_args", "cache_line", "needs_hf", "parse_policy"]
+__all__ = ["HF_MODULES", "POLICY_HELP", "add_model_args", "cache_line", "needs_hf", "parse_policy"]
 
 # top-level modules of the `hf` extra (pyproject.toml); a command that runs a model needs all of them
 HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")

@@ -68,7 +68,7 @@ class PerHeadState:
 
     def put(self, rows: torch.Tensor | Sequence[int], other: PerHeadState) -> None:
         self._check_compatible(other)
-        for mine, theirs in zip(self.parts, other.parts, strict=True):
+        for mine in self.parts:
             mine._rows(rows)  # everything checked before anything is written
         for mine, theirs in zip(self.parts, other.parts, strict=True):
             mine.put(rows, theirs)

@@ -9,12 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import streamattn.core.budget  # noqa: F401  (registers the budget engine)
-import streamattn.core.engine  # noqa: F401  (registers the sinks + window engine)
-import streamattn.core.per_head  # noqa: F401  (registers the per-head engine)
+import streamattn.core.budget  # noqa: F401  (engines register themselves on import: budget,
+import streamattn.core.engine  # noqa: F401  sinks + window, and per-head just below)
+from streamattn.core.per_head import PerHeadState
 from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
-from streamattn.core.per_head import PerHeadState
 from streamattn.core.state import StreamState
 from streamattn.policies import Policy, SinkWindow, policy_from_config
 
