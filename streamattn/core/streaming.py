@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import streamattn.core.budget  # noqa: F401  (engines register themselves on import: budget,
-import streamattn.core.engine  # noqa: F401  sinks + window, and per-head just below)
+# engines register themselves on import: budget, sinks + window, and per-head (just below)
+import streamattn.core.budget
+import streamattn.core.engine  # noqa: F401
 from streamattn.core.per_head import PerHeadState
 from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
