@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli import chat, engine_demo, generate, recall, stream
+from streamattn.cli import calibrate, chat, engine_demo, generate, recall, stream
 
 COMMANDS = {
     "stream": stream,
@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": generate,
     "engine-demo": engine_demo,
     "recall": recall,
+    "calibrate": calibrate,
 }
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ValueError("--max-new-tokens must be >= 1 and --temperature >= 0")
-    policy = parse_policy(args.policy)
+    policy = parse_policy(args.policy, args.profile)
     saved = None
     if args.resume is not None:
         try:

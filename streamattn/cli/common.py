@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from streamattn import parse_policy
 
@@ -15,7 +16,7 @@ POLICY_HELP = (
     "(NAME: knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]])"
 )
 
-__all__ = ["HF_MODULES", "POLICY_HELP", "add_model_args", "cache_line", "needs_hf", "parse_policy"]
+__all__ = ["HF_MODULES", "POLICY_HELP", "add_model_args", "add_profile_arg", "cache_line", "needs_hf", "parse_policy"]
 
 # top-level modules of the `hf` extra (pyproject.toml); a command that runs a model needs all of them
 HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")
@@ -24,6 +25,17 @@ HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")
 def add_model_args(p: argparse.ArgumentParser, policy: str = "sinks=4,window=1020") -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model dir or a .gguf file")
     p.add_argument("--policy", default=policy, help=POLICY_HELP)
+    add_profile_arg(p)
+
+
+def add_profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="calibration profile (`streamattn calibrate`) for 'score=qfilters' and per-head policies "
+        "'heads=F|RETRIEVAL|STREAMING'",
+    )
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens and --temperature must be >= 0")
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
-    policy = parse_policy(args.policy)
+    policy = parse_policy(args.policy, args.profile)
     model, tokenizer = load_model(args.model)
     stream = Stream(model, tokenizer, policy)
     if args.chat:

@@ -25,7 +25,7 @@ import argparse
 import time
 from pathlib import Path
 
-from streamattn.cli.common import POLICY_HELP, needs_hf
+from streamattn.cli.common import POLICY_HELP, add_profile_arg, needs_hf
 from streamattn.eval import read_text
 from streamattn.eval.recall import (
     RecallConfig,
@@ -59,6 +59,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         default="256,1K,4K,16K,64K",
         help="comma-separated tokens between needle and question; K = 1024, M = 1024^2 (default: %(default)s)",
     )
+    add_profile_arg(p)
     p.add_argument("--trials", type=int, default=10, help="trials per policy (each covers every distance in one pass)")
     p.add_argument("--haystack", type=Path, default=None, help="text file (.txt or .gz); default: Emma (shipped)")
     p.add_argument("--out", type=Path, default=Path("runs/recall"), help="directory for recall.csv/png, summary.md")
@@ -71,7 +72,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # everything checkable is checked before the model loads (seconds to minutes)
     specs = [args.policy] + [s for flag in args.compare for s in flag.split(";") if s.strip()]
-    policies = [parse_policy(s) for s in specs]
+    policies = [parse_policy(s, args.profile) for s in specs]
     labelled = [(policy_label(p), p) for p in policies]
     labels = [label for label, _ in labelled]
     if len(set(labels)) != len(labels):

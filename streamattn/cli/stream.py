@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_tokens", "chunk", "segment", "recompute_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    policy = parse_policy(args.policy)
+    policy = parse_policy(args.policy, args.profile)
     extra = [c.strip() for c in args.compare.split(",") if c.strip()]
     unknown = sorted(set(extra) - set(COMPARE))
     if unknown:

@@ -182,7 +182,8 @@ class StreamingLayer(CacheLayerMixin):
 
 class StreamingCache(Cache):
     """Streams every layer of ``model``: sliding-window layers keep the model's own window, the others
-    run ``policy`` (default ``SinkWindow(4, 1020)``) in ``positions`` mode.
+    run ``policy`` (default ``SinkWindow(4, 1020)``; a ``PerLayer`` gives each layer its own) in
+    ``positions`` mode.
 
     ``layer_policies``: ``{layer: policy}`` (or a list with ``None`` for "as usual") overriding any
     layer, sliding ones included. While the cache is open the model runs the ``"streamattn"``
@@ -201,6 +202,13 @@ class StreamingCache(Cache):
         config = model.config.get_text_config()
         n = config.num_hidden_layers
         self.policy = sa.SinkWindow() if policy is None else policy
+        per_layer = None
+        if isinstance(self.policy, sa.PerLayer):  # e.g. from a calibration profile: a policy per layer
+            per_layer = self.policy.layers
+            if len(per_layer) != n:
+                raise ValueError(f"the PerLayer policy has {len(per_layer)} layers; the model has {n}")
+        else:
+            sa.core.engine_for(self.policy)  # TypeError now, not at the first forward
         overrides = _overrides(layer_policies, n)
         types = layer_types(config)
         modules = _attention_modules(model, n)
@@ -222,7 +230,8 @@ class StreamingCache(Cache):
             head_dim = self.ropes[i].head_dim
             scaling = getattr(modules[i], "scaling", None)
             scale = None if scaling is None or math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6) else float(scaling)
-            layer_policy = overrides.get(i) or (sa.SinkWindow(0, windows[i]) if windows[i] else self.policy)
+            default = self.policy if per_layer is None else per_layer[i]
+            layer_policy = overrides.get(i) or (sa.SinkWindow(0, windows[i]) if windows[i] else default)
             attn = sa.StreamingAttention(layer_policy, self.ropes[i], positions, scale)
             layers.append(StreamingLayer(attn, self, windows[i]))
         super().__init__(layers=layers)

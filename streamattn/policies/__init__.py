@@ -9,9 +9,16 @@ from streamattn.policies.base import IndexPolicy, Policy, WindowPolicy
 from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
 from streamattn.policies.per_head import PerHead
+from streamattn.policies.per_layer import PerLayer
 from streamattn.policies.sink_window import SinkWindow
 
-_REGISTRY: dict[str, type] = {"SinkWindow": SinkWindow, "Full": Full, "Compressed": Compressed, "PerHead": PerHead}
+_REGISTRY: dict[str, type] = {
+    "SinkWindow": SinkWindow,
+    "Full": Full,
+    "Compressed": Compressed,
+    "PerHead": PerHead,
+    "PerLayer": PerLayer,
+}
 
 
 def policy_from_config(config: dict[str, Any]) -> Policy:
@@ -34,6 +41,7 @@ __all__ = [
     "Full",
     "IndexPolicy",
     "PerHead",
+    "PerLayer",
     "Policy",
     "SinkWindow",
     "WindowPolicy",

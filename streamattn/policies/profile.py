@@ -56,8 +56,10 @@ def load_profile(profile: Any) -> dict[str, Any]:
 
 def top_heads(profile: dict[str, Any], heads: float | int) -> list[set[int]]:
     """The kv heads of each layer among the ``heads`` best retrieval scores of the model (ties: lower
-    layer, then lower head first). ``heads``: a fraction in (0, 1] or a count >= 0."""
-    scores = profile["retrieval"]
+    layer, then lower head first). ``heads``: a fraction in (0, 1] or a count >= 0. Layers the model
+    runs with a sliding window (``sliding_layers``: they keep their trained window) are not ranked."""
+    sliding = set(profile.get("sliding_layers") or [])
+    scores = [[] if i in sliding else r for i, r in enumerate(profile["retrieval"])]
     total = sum(len(r) for r in scores)
     if isinstance(heads, bool) or not isinstance(heads, (int, float)):
         raise ValueError(f"heads must be a fraction in (0, 1] or a count, got {heads!r}")

@@ -14,8 +14,15 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
                             -> Compressed(4, 64, 1024, H2O(), 64)  (budget makes it compressed;
                                score defaults to tova, every to 64)
 
-An absent ``sinks`` is 0 in every form. Q-Filters need directions calibrated for a model, which a
-string cannot carry: build ``scores.QFilters`` from a profile (``streamattn calibrate``). Malformed
+An absent ``sinks`` is 0 in every form. Two forms need a calibration profile (``streamattn
+calibrate``; ``profile=`` path or dict) and give a ``PerLayer`` policy for a whole model:
+
+    "sinks=4,window=64,budget=960,score=qfilters"      -> each layer's Q-Filter directions
+    "heads=0.25|sinks=4,window=64,budget=2048,score=snapkv|sinks=4,window=252"
+                            -> PerHead per layer: the best 25% retrieval heads of the model (or a
+                               count, heads=N) get the first policy, the others the second
+
+Malformed
 specs raise ``ValueError`` naming the expected forms; out-of-range values raise the policy's own
 ``ValueError`` (e.g. ``window must be >= 1``).
 """
@@ -74,17 +81,50 @@ def policy_spec(policy: Policy) -> str:
     return policy.name
 
 
-def parse_policy(spec: str) -> Policy:
+def _needs_profile(spec: str, profile: object) -> None:
+    if profile is None:
+        raise ValueError(
+            f"policy {spec!r} needs a calibration profile: run `streamattn calibrate --out profile.json` "
+            "and pass it (--profile profile.json)"
+        )
+
+
+def _per_head(spec: str, profile: object) -> Policy:
+    from streamattn.policies.per_head import PerHead
+    from streamattn.policies.per_layer import PerLayer
+
+    parts = spec.split("|")
+    key, _, value = parts[0].partition("=")
+    if len(parts) != 3 or key.strip() != "heads" or not value.strip():
+        raise ValueError(f"bad per-head policy {spec!r}: expected 'heads=F|RETRIEVAL POLICY|STREAMING POLICY'")
+    value = value.strip()
+    try:
+        heads: float | int = int(value) if value.isdecimal() else float(value)
+    except ValueError:
+        raise ValueError(f"bad per-head policy {spec!r}: heads must be a fraction in (0, 1] or a count") from None
+    retrieval, streaming = parse_policy(parts[1]), parse_policy(parts[2])
+    _needs_profile(spec, profile)
+    layers = PerHead.from_profile(profile, retrieval=retrieval, streaming=streaming, heads=heads)
+    return PerLayer(tuple(layers), label=spec.strip())
+
+
+def parse_policy(spec: str, profile: object = None) -> Policy:
     """The policy a spec string names (grammar in the module docstring)."""
     if not isinstance(spec, str):
         raise TypeError(f"a policy spec is a str like {_FORMS}, got {type(spec).__name__}")
     if spec.strip().lower() in ("full", "dense"):
         return Full()
+    if "|" in spec:
+        return _per_head(spec, profile)
     fields: dict[str, int] = {}
     score: Scorer | None = None
+    qfilters = False
     for part in spec.split(","):
         key, _, value = part.partition("=")
         key = key.strip()
+        if key == "score" and value.strip().lower() == "qfilters":
+            qfilters = True
+            continue
         if key == "score" and value.strip():
             score = parse_scorer(value)
             continue
@@ -94,6 +134,18 @@ def parse_policy(spec: str) -> Policy:
     if "window" not in fields:
         raise ValueError(f"bad policy {spec!r}: 'window=W' is required (or 'full')")
     sinks = fields.get("sinks", 0)
+    if qfilters:
+        from streamattn.policies.per_layer import PerLayer
+        from streamattn.policies.profile import qfilters_policies
+
+        if "budget" not in fields:
+            raise ValueError(
+                f"bad policy {spec!r}: 'score' and 'every' belong to a compressed policy, which needs 'budget=B'"
+            )
+        _needs_profile(spec, profile)
+        every = fields.get("every", 64)
+        layers = qfilters_policies(profile, sinks=sinks, window=fields["window"], budget=fields["budget"], every=every)
+        return PerLayer(tuple(layers), label=spec.strip())
     if "budget" in fields:
         return Compressed(sinks, fields["window"], fields["budget"], score or TOVA(), fields.get("every", 64))
     if score is not None or "every" in fields:
