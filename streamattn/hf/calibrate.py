@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 import streamattn as sa
-from streamattn.eval.recall import NEEDLE, NAMES, QUESTION, WORDS
+from streamattn.eval.recall import NAMES, NEEDLE, QUESTION, WORDS
 from streamattn.hf.cache import layer_types
 from streamattn.hf.stream import Stream
 from streamattn.policies.profile import FORMAT
@@ -90,6 +90,17 @@ def retrieval_scores(
         trial = torch.stack([masses[i] for i in range(len(masses))])  # [L, Hkv]
         total = trial if total is None else total + trial
     return (total / trials).tolist()
+
+
+def _mass(attn: sa.StreamingAttention, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``[Hkv]`` attention mass of the last query ``q[:, :, -1]`` on keys ``[start, stop)`` of a ``Full``
+    absolute-position layer that has just taken it (slot ``j`` = token ``j``, rotated at ``j - base``)."""
+    st = attn.state
+    n = st.seen[0]
+    qr = attn.rope.rotate(q[:, :, -1:].double(), torch.tensor([n - 1 - st.base[0]]))
+    keys, values = st.k[:, :, :n].double(), st.v[:, :, :n].double()
+    _, _, w = sa.core.attend_with_lse(qr, keys, values, None, attn.scale, weights=True)  # [1, Hq, 1, n]
+    return w[0, :, 0, start:stop].sum(-1).view(st.kv_heads, -1).mean(-1)
 
 
 def qfilter_directions(model, tokenizer, ids: torch.Tensor, *, chunk: int = 256) -> list[list[list[float]]]:
