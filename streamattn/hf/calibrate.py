@@ -72,24 +72,23 @@ def retrieval_scores(
         masses: dict[int, torch.Tensor] = {}
         with Stream(model, tokenizer, sa.Full(), positions="absolute") as stream:
             stream.feed(context[:-1], scores=False)
-
-            def keep(i: int, q: torch.Tensor, stream=stream) -> None:
-                attn = stream.cache.layers[i].attn
-                st = attn.state
-                n = st.seen[0]
-                rope = attn.rope
-                qr = rope.rotate(q[:, :, -1:].double(), torch.tensor([n - 1 - st.base[0]]))
-                _, _, w = sa.core.attend_with_lse(
-                    qr, st.k[:, :, :n].double(), st.v[:, :, :n].double(), None, attn.scale, weights=True
-                )
-                g = q.shape[1] // st.kv_heads
-                masses[i] = w[0, :, 0, start:stop].sum(-1).view(st.kv_heads, g).mean(-1)  # [Hkv]
-
-            with _capture(stream, keep):
+            layers = stream.cache.layers
+            with _capture(stream, lambda i, q: masses.setdefault(i, _mass(layers[i].attn, q, start, stop))):  # noqa: B023
                 stream.feed(context[-1:], scores=False)
         trial = torch.stack([masses[i] for i in range(len(masses))])  # [L, Hkv]
         total = trial if total is None else total + trial
     return (total / trials).tolist()
+
+
+def _mass(attn: sa.StreamingAttention, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``[Hkv]`` attention mass of the last query ``q[:, :, -1]`` on keys ``[start, stop)`` of a ``Full``
+    absolute-position layer that has just taken it (slot ``j`` = token ``j``, rotated at ``j - base``)."""
+    st = attn.state
+    n = st.seen[0]
+    qr = attn.rope.rotate(q[:, :, -1:].double(), torch.tensor([n - 1 - st.base[0]]))
+    keys, values = st.k[:, :, :n].double(), st.v[:, :, :n].double()
+    _, _, w = sa.core.attend_with_lse(qr, keys, values, None, attn.scale, weights=True)  # [1, Hq, 1, n]
+    return w[0, :, 0, start:stop].sum(-1).view(st.kv_heads, -1).mean(-1)
 
 
 def _mass(attn: sa.StreamingAttention, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
