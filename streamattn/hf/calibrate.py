@@ -33,7 +33,7 @@ from streamattn.policies.profile import FORMAT
 def _capture(stream: Stream, keep: Callable[[int, torch.Tensor], None]):
     """Call ``keep(layer, q)`` with the un-rotated queries ``[B, Hq, T, D]`` every layer receives."""
     handles = [
-        layer.attn.register_forward_hook(lambda _m, args, _out, i=i: keep(i, args[0]))
+        layer.attn.register_forward_hook(lambda _m, args, _out, i=i: (keep(i, args[0]), None)[1])  # None: output kept
         for i, layer in enumerate(stream.cache.layers)
     ]
     try:
