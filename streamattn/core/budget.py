@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from streamattn.core.engine import Rotations
-from streamattn.core.kernels import attend, attend_with_lse, compute_dtype, write_slots
+from streamattn.core.kernels import attend, attend_grouped_weights, compute_dtype, write_slots
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState
@@ -53,6 +53,8 @@ class BudgetEngine:
         self.rebase_every = rebase_every
         self.block_size = block_size
         self._rotations = Rotations(rope) if rope is not None else None
+        self._ranks: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of ranks 0 .. budget - 1
+        self._ranks_key: tuple | None = None
 
     # ------------------------------------------------------------------ state
     def new_state(self, b: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> StreamState:
@@ -98,6 +100,8 @@ class BudgetEngine:
         """Stream ``counts[b]`` tokens of each stream (right-padded to T), each stream in blocks that
         end at its eviction points."""
         bsz, hq, t, d = q.shape
+        if t == 1 and min(counts) == 1 and all(n == st.seen[0] for n in st.seen):
+            return self._decode(st, q, k, v)
         out = q.new_zeros(bsz, hq, t, d)
         done = [0] * bsz
         while True:
@@ -125,11 +129,51 @@ class BudgetEngine:
                     out[b, :, o : o + m] = res[b, :, :m]
             done = [o + m for o, m in zip(done, n, strict=True)]
 
+    def _decode(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token of streams that are all at the same index (B = 1, or a batch in lockstep): the
+        hot path, with no mask and no per-stream bookkeeping tensors."""
+        bsz, hq, _, d = q.shape
+        hkv = k.shape[1]
+        dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
+        n0 = st.seen[0]
+        h0 = self.policy.held(n0)
+        k_raw = k.to(cdt)
+        if self.rope is not None:
+            self._maybe_rebase(st, 1)
+            pos = [h0] if self.cache_mode else sorted({n0 - b for b in st.base})
+            if len(pos) > 1:
+                pos = [n0 - b for b in st.base]
+            m = self._rotations(pos, cdt, dev)
+            qw, kw = torch.matmul(q.to(cdt), m), torch.matmul(k_raw, m)
+        else:
+            qw, kw = q.to(cdt), k_raw
+        st.k[:, :, h0 : h0 + 1] = kw
+        st.v[:, :, h0 : h0 + 1] = v
+        st.index[:, :, h0] = n0
+        key_score = self.scorer.key_score(k_raw)
+        st.score[:, :, h0 : h0 + 1] = 0 if key_score is None else key_score
+        if st.k_raw is not None:
+            st.k_raw[:, :, h0 : h0 + 1] = k
+        keys, values = st.k[:, :, : h0 + 1], st.v[:, :, : h0 + 1]
+        observe = self.scorer.observe
+        if observe is None or (observe > 0 and n0 % self.every + 1 > self.every - observe):
+            out, w = attend_grouped_weights(qw, keys.to(cdt), values.to(cdt), None, self.scale)
+            st.score[:, :, : h0 + 1] += w[:, :, 0]
+        else:  # the G query heads of a kv head ride in SDPA's query-length dim
+            grouped = qw.to(dtype).reshape(bsz, hkv, hq // hkv, d)
+            out = attend(grouped, keys, values, None, self.scale).reshape(bsz, hq, 1, d)
+        st.seen = [n0 + 1] * bsz
+        if (n0 + 1) % self.every == 0:
+            if h0 + 1 > self.budget:
+                self._evict(st, list(range(bsz)), [h0 + 1] * bsz)
+            if observe:
+                st.score.zero_()
+        return out.to(dtype)
+
     def _block(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> torch.Tensor:
         """Attend ``n[b]`` new tokens of each stream (right-padded to T), none past an eviction point;
         write them, accumulate scores, and evict at the streams that reach a point."""
-        bsz, hq, t, d = q.shape
-        hkv = k.shape[1]
+        t = q.shape[2]
         dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
         self._maybe_rebase(st, t)
         held = [self.policy.held(s) for s in st.seen]
@@ -172,24 +216,17 @@ class BudgetEngine:
             see = torch.arange(span, device=dev)[None, None, :] <= slot[:, :, None]  # [B, T, L]
             mask = (see | ~valid[:, :, None])[:, None]  # padded rows see everything (zeroed below): no NaN
         observed = self._observed(qpos, valid)
-        out = None
-        if observed is not None:
-            first = int(observed.any(dim=0).nonzero()[0])  # first column any stream observes
+        first = t if observed is None else int(observed.any(dim=0).nonzero()[0])  # first observed column
+        parts = []
+        if first > 0:  # rows no scorer reads: one SDPA
+            rows = None if mask is None else mask[:, :, :first]
+            parts.append(attend(qw[:, :, :first], keys.to(cdt), values.to(cdt), rows, self.scale))
+        if observed is not None:  # rows whose weights feed the scores, from the same softmax as their output
             rows = None if mask is None else mask[:, :, first:]
-            obs_out, _, w = attend_with_lse(
-                qw[:, :, first:], keys.to(cdt), values.to(cdt), rows, self.scale, weights=True
-            )
-            w = w.view(bsz, hkv, hq // hkv, t - first, span).mean(dim=2)  # [B, Hkv, R, L]
-            w = w * observed[:, None, first:, None]
-            st.score[:, :, :span] += w.sum(dim=2)
-            if first == 0:
-                out = obs_out
-        if out is None:
-            if t == 1:  # the G query heads of a kv head ride in SDPA's query-length dim
-                grouped = qw.to(dtype).reshape(bsz, hkv, hq // hkv, d)
-                out = attend(grouped, keys, values, mask, self.scale).reshape(bsz, hq, 1, d)
-            else:
-                out = attend(qw, keys.to(cdt), values.to(cdt), mask, self.scale)
+            out, w = attend_grouped_weights(qw[:, :, first:], keys.to(cdt), values.to(cdt), rows, self.scale)
+            st.score[:, :, :span] += (w * observed[:, None, first:, None]).sum(dim=2)  # w [B, Hkv, T', L]
+            parts.append(out)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         st.seen = [s + m for s, m in zip(st.seen, n, strict=True)]
 
         # eviction points reached by this block
@@ -258,16 +295,37 @@ class BudgetEngine:
         # best first; among equal scores the newer key first (the older is evicted first)
         order = torch.sort(score.flip(-1), dim=-1, descending=True, stable=True).indices[..., : self.budget]
         keep = (c - 1 - order).sort(dim=-1).values  # [E, Hkv, budget] kept slots, in stream order
+        every_row = rows == list(range(st.batch_size))
+        budget = self.budget
         for name in ("k", "v", "k_raw", "index", "score"):
             buf = getattr(st, name)
             if buf is None:
                 continue
-            src = buf[at]
             idx = keep if buf.dim() == 3 else keep[..., None].expand(-1, -1, -1, buf.shape[-1])
-            buf[at, :, : self.budget] = src.gather(2, idx)
-        st.index[at, :, self.budget :] = EMPTY
-        st.score[at, :, self.budget :] = 0
+            if every_row:
+                buf[:, :, :budget] = buf.gather(2, idx)
+            else:
+                buf[at, :, :budget] = buf[at].gather(2, idx)
+        tail = slice(budget, None)
+        if every_row:
+            st.index[:, :, tail] = EMPTY
+            st.score[:, :, tail] = 0
+        else:
+            st.index[at, :, tail] = EMPTY
+            st.score[at, :, tail] = 0
         if st.k_raw is not None:  # ranks changed: rotate the kept keys at their new slots, from the raw copy
-            cdt = compute_dtype(st.dtype)
-            raw = st.k_raw[at, :, : self.budget].to(cdt)
-            st.k[at, :, : self.budget] = self.rope.rotate(raw, torch.arange(self.budget, device=dev)).to(st.dtype)
+            cos, sin = self._rank_rotation(st.dtype, dev)
+            raw = (st.k_raw[:, :, :budget] if every_row else st.k_raw[at, :, :budget]).to(cos.dtype)
+            rotated = apply_rotary(raw, cos, sin).to(st.dtype)
+            if every_row:
+                st.k[:, :, :budget] = rotated
+            else:
+                st.k[at, :, :budget] = rotated
+
+    def _rank_rotation(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions ``0 .. budget - 1`` (the ranks after an eviction), built once."""
+        key = (compute_dtype(dtype), device)
+        if self._ranks_key != key:
+            self._ranks = self.rope.cos_sin(torch.arange(self.budget, device=device), key[0])
+            self._ranks_key = key
+        return self._ranks

@@ -69,3 +69,23 @@ def attend_with_lse(
     finite = torch.isfinite(lse)
     p = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None]).masked_fill(~finite[..., None], 0.0)
     return p @ v, lse, (p if weights else None)
+
+
+def attend_grouped_weights(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend`` that also returns the attention weights averaged over each kv head's query heads,
+    ``[B, Hkv, T, N]`` (what score-based eviction accumulates). The G query heads of a kv head ride
+    in the matmul's row dim, so no key or value is copied per query head. ``mask`` bool
+    (True = attend), broadcastable to ``[B, 1, T, N]``; every row must see at least one key.
+    """
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    scores = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).view(b, hkv, g, t, n) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # [B, 1, 1, T, N] over the group
+    p = torch.softmax(scores, dim=-1)
+    out = (p.view(b, hkv, g * t, n) @ v).view(b, hq, t, d)
+    return out, p.mean(dim=2)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Streaming recall at one budget (1,024 keys per kv head per layer) for every policy family.
+# Usage: bash benchmarks/compression_recall.sh [MODEL] [PROFILE] [OUTDIR] [TRIALS] [DISTANCES]
+# Compressed: budget 960 + every 64 (at most 1,024 held). Per-head: the best 20% heads (by the
+# profile) keep Compressed(4, 64, 3008, snapkv, 64) (at most 3,072), the others SinkWindow(4, 508):
+# 0.2 * 3072 + 0.8 * 512 = 1,024 keys per head on average.
+set -euo pipefail
+MODEL=${1:-smollm2}
+PROFILE=${2:-profiles/smollm2.json}
+OUT=${3:-runs/recall_compression_$MODEL}
+TRIALS=${4:-8}
+DISTANCES=${5:-256,1K,4K}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+C="sinks=4,window=64,budget=960,every=64"
+.venv/bin/streamattn recall --model "$MODEL" --profile "$PROFILE" --trials "$TRIALS" --distances "$DISTANCES" \
+  --out "$OUT" --policy full --compare "sinks=4,window=1020" \
+  --compare "$C,score=tova" --compare "$C,score=snapkv" --compare "$C,score=h2o" --compare "$C,score=knorm" \
+  --compare "$C,score=qfilters" \
+  --compare "heads=0.2|sinks=4,window=64,budget=3008,score=snapkv,every=64|sinks=4,window=508"
