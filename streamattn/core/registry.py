@@ -4,7 +4,8 @@ An engine realises one kind of policy in bounded memory. It holds configuration 
 constants, never a stream: every method takes the ``StreamState`` it works on.
 
     new_state(b, hkv, d, dtype, device) -> StreamState
-    spec -> StateSpec                          # what from_dict checks a saved state against
+    spec -> StateSpec                          # what a saved state must be: spec.load(raw) validates it
+    check_inputs(hkv, d)                       # policy-specific input checks (ValueError), before any change
     forward(state, q, k, v, counts) -> out     # counts[b]: valid tokens of stream b (right padding)
     slot_index(state) -> [B, Hkv, N] int64     # stream index held by each slot (EMPTY: none)
     cached(state) -> list[int]                 # keys held per stream
