@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from streamattn.core.kernels import attend, compute_dtype, rope_at_write, write_slots
+from streamattn.core.kernels import attend, attend_lse, compute_dtype, merge_lse, rope_at_write, write_slots
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState
@@ -291,7 +291,7 @@ class SinkWindowEngine:
     def _block(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> torch.Tensor:
         """Attend ``n[b]`` new tokens of each stream (right-padded to T <= window) with one SDPA over
         a copy of the buffer followed by the block, then commit the block to the state."""
-        bsz, hq, t, d = q.shape
+        bsz, _, t, d = q.shape
         hkv, s = k.shape[1], self.sinks
         dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
         self._maybe_rebase(st, t)
@@ -322,23 +322,34 @@ class SinkWindowEngine:
         see = self.policy.visible(qpos[:, :, None], kpos[:, None, :]) | ~valid[:, :, None]  # [B, T, K]
         scale = d**-0.5 if self.scale is None else self.scale
         if st.sink_k is not None and self.cache_mode:
-            # Sink j sits at distance min(t, anchor) - j from query t: score it in the sinks' own
-            # frame and hand it to SDPA as an additive bias on a zeroed key (exact: q.0 == 0).
-            keys[:, :, :s] = 0
-            qs = self.rope.rotate(q, (qpos.clamp_max(self.anchor) - self.anchor)[:, None])  # [B, Hq, T, D]
-            g = hq // hkv
-            sink_scores = qs.reshape(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)  # [B, Hkv, G*T, S]
-            zero, minus_inf = (
-                torch.zeros((), dtype=cdt, device=dev),
-                torch.full((), float("-inf"), dtype=cdt, device=dev),
-            )
-            mask = torch.where(see[:, None].expand(bsz, hq, t, slots + t), zero, minus_inf)  # one pass
-            mask[..., :s] += sink_scores.view(bsz, hq, t, s) * scale
+            out = self._attend_with_sinks(st, q, qw, keys, values, see, qpos, scale)
         else:
-            mask = see[:, None]  # [B, 1, T, K], shared by all heads
-        out = attend(qw, keys, values, mask, scale)
+            out = attend(qw, keys, values, see[:, None], scale)  # [B, 1, T, K] mask shared by all heads
         self._write(st, k, v, k_raw, qpos, valid, n)
         return out.masked_fill_(~valid[:, None, :, None], 0).to(dtype)
+
+    def _attend_with_sinks(self, st, q, qw, keys, values, see, qpos, scale) -> torch.Tensor:
+        """Cache mode: sink ``j`` sits at distance ``min(t, anchor) - j`` from query ``t``, which no
+        single key rotation gives. So the sinks are scored apart, in their own frame (``sink_k``
+        against the query rotated at ``min(t, anchor) - anchor``), and merged with one fused attention
+        over the rest of the keys by log-sum-exp: exact, and no per-head mask is materialised.
+        The G query heads of a kv head ride in the query-length dim (mask shared, no key copies)."""
+        bsz, hq, t, d = q.shape
+        hkv, s = keys.shape[1], self.sinks
+        g = hq // hkv
+        cdt = keys.dtype
+        minus_inf = torch.full((), float("-inf"), dtype=cdt, device=q.device)
+        bias = torch.where(see[:, None, :, s:], torch.zeros((), dtype=cdt, device=q.device), minus_inf)
+        bias = bias.expand(bsz, g, t, -1).reshape(bsz, 1, g * t, -1)  # [B, 1, G*T, K - S], rows (g, t)
+        out_w, lse_w = attend_lse(qw.reshape(bsz, hkv, g * t, d), keys[:, :, s:], values[:, :, s:], bias, scale)
+        qs = self.rope.rotate(q, (qpos.clamp_max(self.anchor) - self.anchor)[:, None])  # [B, Hq, T, D]
+        sink_scores = (qs.reshape(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)) * scale  # [B, Hkv, G*T, S]
+        visible = see[:, None, :, :s].expand(bsz, g, t, s).reshape(bsz, 1, g * t, s)
+        sink_scores = torch.where(visible, sink_scores, minus_inf)
+        lse_s = torch.logsumexp(sink_scores, dim=-1)
+        p = torch.exp(sink_scores - torch.where(torch.isfinite(lse_s), lse_s, 0)[..., None])  # 0 where none visible
+        out_s = p @ values[:, :, :s]
+        return merge_lse(out_w, lse_w, out_s, lse_s).view(bsz, hq, t, d)
 
     def _write(self, st, k, v, k_raw, qpos, valid, n) -> None:
         """Commit the block's valid tokens: sinks to their slots (+ ``sink_k``), the rest to the ring."""

@@ -89,3 +89,33 @@ def attend_grouped_weights(
     p = torch.softmax(scores, dim=-1)
     out = (p.view(b, hkv, g * t, n) @ v).view(b, hq, t, d)
     return out, p.mean(dim=2)
+
+
+def attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(q k^T * scale + bias) v, logsumexp(q k^T * scale + bias))`` for equal head counts,
+    ``bias`` additive (0 / -inf) of q's dtype, broadcastable to ``[B, H, T, N]``; every row must see a
+    key. On CPU one fused flash kernel (PyTorch's own, which returns the log-sum-exp); elsewhere, or
+    if that kernel refuses the inputs, explicit matmuls. What two attentions over disjoint key sets
+    need to be merged exactly (``merge_lse``).
+    """
+    if q.device.type == "cpu":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=scale
+            )
+            return out, lse
+        except RuntimeError:  # dtype or layout the fused kernel does not take
+            pass
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over keys ``A + B`` from the attentions over ``A`` and over ``B`` and their
+    log-sum-exps (``lse_b`` may be ``-inf``: B empty for that row; ``lse_a`` must be finite)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
