@@ -154,3 +154,26 @@ def test_attend_with_lse_is_softmax_attention(heads):
     assert torch.allclose(w.sum(-1)[seen], torch.ones(()).double(), atol=1e-12)
     fine = mask.any(-1).expand(2, heads[0], 5)
     assert max_err(out[fine], attend(q, k, v, mask, 0.3)[fine]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attend_lse_and_merge_give_attention_over_the_union(dtype):
+    """Attention over keys A + B == merge of the attentions over A (fused, with lse) and over B."""
+    from streamattn.core.kernels import attend_grouped_weights, attend_lse, merge_lse
+
+    q, k, v = make_qkv(2, 3, 3, 6, D, dtype, seed=4)
+    k, v = torch.cat([k, k.flip(2)], dim=2), torch.cat([v, v.flip(2)], dim=2)  # 12 keys
+    mask = torch.rand(2, 1, 6, 12, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[..., 0] = True  # every row sees a key of A (B may be empty for a row)
+    mask[1, 0, 3, 5:] = False
+    whole = attend(q, k, v, mask, 0.25)
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    out_a, lse_a = attend_lse(q, k[:, :, :5], v[:, :, :5], bias[..., :5], 0.25)
+    scores_b = ((q @ k[:, :, 5:].transpose(-1, -2)) * 0.25).masked_fill(~mask[..., 5:], float("-inf"))
+    lse_b = torch.logsumexp(scores_b, -1)
+    p_b = torch.exp(scores_b - torch.where(lse_b.isfinite(), lse_b, 0)[..., None])
+    merged = merge_lse(out_a, lse_a, p_b @ v[:, :, 5:], lse_b)
+    assert max_err(merged, whole) < (1e-12 if dtype == torch.float64 else 1e-5)
+    out, w = attend_grouped_weights(q, k, v, mask, 0.25)  # and the grouped-weights kernel agrees
+    assert max_err(out, whole) < (1e-12 if dtype == torch.float64 else 1e-5)
+    assert torch.allclose(w.sum(-1), torch.ones((), dtype=dtype))
