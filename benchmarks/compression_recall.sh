@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Streaming recall at one budget (1,024 keys per kv head per layer) for every policy family.
+# Streaming recall at one budget (1,024 keys per kv head per layer) for every policy family, one
+# `streamattn recall` run per policy (OUTDIR/<policy>/; finished ones are skipped), then one table.
 # Usage: bash benchmarks/compression_recall.sh [MODEL] [PROFILE] [OUTDIR] [TRIALS] [DISTANCES]
 # Compressed: budget 960 + every 64 (at most 1,024 held). Per-head: the best 20% heads (by the
 # profile) keep Compressed(4, 64, 3008, snapkv, 64) (at most 3,072), the others SinkWindow(4, 508):
@@ -12,8 +13,20 @@ TRIALS=${4:-8}
 DISTANCES=${5:-256,1K,4K}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 C="sinks=4,window=64,budget=960,every=64"
-.venv/bin/streamattn recall --model "$MODEL" --profile "$PROFILE" --trials "$TRIALS" --distances "$DISTANCES" \
-  --out "$OUT" --policy full --compare "sinks=4,window=1020" \
-  --compare "$C,score=tova" --compare "$C,score=snapkv" --compare "$C,score=h2o" --compare "$C,score=knorm" \
-  --compare "$C,score=qfilters" \
-  --compare "heads=0.2|sinks=4,window=64,budget=3008,score=snapkv,every=64|sinks=4,window=508"
+POLICIES=(
+  "sinks=4,window=1020"
+  "$C,score=tova"
+  "$C,score=snapkv"
+  "heads=0.2|sinks=4,window=64,budget=3008,score=snapkv,every=64|sinks=4,window=508"
+  "$C,score=qfilters"
+  "$C,score=h2o"
+  "$C,score=knorm"
+  "full"
+)
+for spec in "${POLICIES[@]}"; do
+  name=$(echo "$spec" | tr ',=:|' '_+-~')
+  [ -f "$OUT/$name/recall.csv" ] && continue
+  .venv/bin/streamattn recall --model "$MODEL" --profile "$PROFILE" --trials "$TRIALS" --distances "$DISTANCES" \
+    --out "$OUT/$name" --policy "$spec"
+done
+.venv/bin/python benchmarks/recall_table.py "$OUT"/*/recall.csv
