@@ -95,3 +95,16 @@ def test_calibrate_writes_a_profile_that_builds_policies(smollm2, emma_ids, tmp_
         logprobs = stream.feed(emma_ids[:60])
         assert torch.isfinite(logprobs[1:]).all() and stream.cache.cached() == [24 + 60 % 8]  # PerHead: the larger
         stream.close()
+
+
+def test_generated_tokens_are_appended_like_fed_ones(model64, smollm2, emma_ids):
+    """generate() under eviction: the stream it leaves == the same tokens fed in chunks of 7."""
+    tokenizer = smollm2[1]
+    prompt = emma_ids[:30]  # eviction points at 24, 32, 40 while generating
+    talker = Stream(model64, tokenizer, SNAPKV)
+    talker.feed(prompt)
+    list(talker.generate(max_new_tokens=12, temperature=0.0))
+    reader = Stream(model64, tokenizer, SNAPKV, chunk_size=7)
+    reader.feed(torch.cat((prompt, torch.tensor(talker.last_generated))))
+    assert talker.seen == reader.seen == 42
+    assert (talker.next_logprobs - reader.next_logprobs).abs().max().item() < TOL
