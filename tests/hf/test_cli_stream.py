@@ -33,10 +33,24 @@ def test_stream_command_runs_and_writes_results(smollm2, model_cache, tmp_path, 
     assert "stream summary" in capsys.readouterr().out
 
 
+def test_stream_command_takes_a_compressed_policy(smollm2, model_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMATTN_CACHE", str(model_cache))
+    out = tmp_path / "run"
+    policy = "sinks=4,window=8,budget=24,score=h2o,every=8"
+    assert main(["stream", "--max-tokens", "100", "--policy", policy, "--chunk", "32", "--out", str(out)]) == 0
+    with (out / "tokens.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["policy"] for r in rows} == {policy} and len(rows) == 100
+    assert int(rows[-1]["cache_keys"]) == 24 + 100 % 8  # budget + tokens since the last eviction point
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--policy", "sinks=4"], "window=W"),
+        (["--policy", "window=8,budget=64,score=qfilters"], "needs a calibration profile"),
+        (["--policy", "window=8,budget=64,score=qfilters", "--profile", "/no/such.json"], "cannot read the profile"),
+        (["--policy", "heads=0.2|window=8,budget=64|window=8"], "needs a calibration profile"),
         (["--policy", "sinks=4,window=0"], "window must be >= 1"),
         (["--compare", "bogus"], "unknown --compare"),
         (["/no/such/file.txt"], "cannot read"),
