@@ -91,17 +91,6 @@ def _mass(attn: sa.StreamingAttention, q: torch.Tensor, start: int, stop: int) -
     return w[0, :, 0, start:stop].sum(-1).view(st.kv_heads, -1).mean(-1)
 
 
-def _mass(attn: sa.StreamingAttention, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """``[Hkv]`` attention mass of the last query ``q[:, :, -1]`` on keys ``[start, stop)`` of a ``Full``
-    absolute-position layer that has just taken it (slot ``j`` = token ``j``, rotated at ``j - base``)."""
-    st = attn.state
-    n = st.seen[0]
-    qr = attn.rope.rotate(q[:, :, -1:].double(), torch.tensor([n - 1 - st.base[0]]))
-    keys, values = st.k[:, :, :n].double(), st.v[:, :, :n].double()
-    _, _, w = sa.core.attend_with_lse(qr, keys, values, None, attn.scale, weights=True)  # [1, Hq, 1, n]
-    return w[0, :, 0, start:stop].sum(-1).view(st.kv_heads, -1).mean(-1)
-
-
 def qfilter_directions(model, tokenizer, ids: torch.Tensor, *, chunk: int = 256) -> list[list[list[float]]]:
     """``[layer][kv head][D]`` unit directions of the model's un-rotated queries on ``ids``."""
     queries: dict[int, list[torch.Tensor]] = {}
