@@ -13,7 +13,7 @@ import torch
 
 import streamattn as sa
 from streamattn import reference
-from tests.conftest import HEADS, POSITIONS, SCORERS, chunk_sizes, make_qkv, max_err, stream, stream_ragged
+from tests.conftest import HEADS, POSITIONS, SCORERS, TOL, chunk_sizes, make_qkv, max_err, stream, stream_ragged
 
 D = 16
 T = 70
@@ -217,3 +217,19 @@ def test_qfilters_of_another_shape_refused_before_any_state_change():
 def test_config_round_trips(make):
     pol = policy(make, 2)
     assert sa.policy_from_config(pol.to_config()) == pol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_low_precision_streams(dtype, positions):
+    """bf16/fp16 state, fp32 compute: == the replay while nothing is evicted; bounded and finite after."""
+    pol = sa.Compressed(sinks=2, window=4, budget=40, score=sa.scores.H2O(), every=5)
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(1, 4, 2, 120, D, dtype, seed=9)
+    attn = sa.StreamingAttention(pol, rope, positions)
+    out = stream(attn, q, k, v, chunk_sizes("random", 120, seed=3))
+    ref = reference.replay(q[:, :, :45], k[:, :, :45], v[:, :, :45], pol, rope=rope, positions=positions)
+    assert max_err(out[:, :, :45], ref) < TOL[dtype]  # the first eviction point that evicts is at 45
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert attn.state.k.dtype == dtype and attn.state.score.dtype == torch.float32
+    assert attn.cached == [pol.held(120)]
