@@ -59,9 +59,7 @@ def flatness(lengths, steps, rounds) -> tuple[list[dict], float]:
     q1, k1, v1 = randn(1, HQ, 1, D), randn(1, HKV, 1, D), randn(1, HKV, 1, D)
     t = time_rounds({n: (lambda a=a: a(q1, k1, v1)) for n, a in ops.items()}, steps, rounds)
     first = lengths[0]
-    rows = [
-        {"tokens": n, "us": statistics.median(t[n]) * 1e6, "ratio": median_ratio(t[n], t[first])} for n in lengths
-    ]
+    rows = [{"tokens": n, "us": statistics.median(t[n]) * 1e6, "ratio": median_ratio(t[n], t[first])} for n in lengths]
     console.print(rows)
     return rows, fill_s
 

