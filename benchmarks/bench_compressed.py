@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 import streamattn as sa
-from benchmarks.bench_engine import D, HKV, HQ, filled, machine, median_ratio, randn, time_rounds
+from benchmarks.bench_engine import HKV, HQ, D, filled, machine, median_ratio, randn, time_rounds
 
 console = Console()
 SCORERS = {"knorm": sa.scores.KeyNorm(), "tova": sa.scores.TOVA(), "h2o": sa.scores.H2O(), "snapkv": sa.scores.SnapKV()}
@@ -41,7 +41,8 @@ def decode_rows(kepts, batches, steps, rounds) -> list[dict]:
             ops = {"sinks+window": filled(sa.SinkWindow(4, kept - 4), "cache", b, 2 * kept)}
             ops |= {name: filled(compressed(kept, s), "cache", b, 2 * kept) for name, s in SCORERS.items()}
             q1, k1, v1 = randn(b, HQ, 1, D), randn(b, HKV, 1, D), randn(b, HKV, 1, D)
-            t = time_rounds({name: (lambda a=a: a(q1, k1, v1)) for name, a in ops.items()}, steps, rounds)
+            x = (q1, k1, v1)
+            t = time_rounds({name: (lambda a=a, x=x: a(*x)) for name, a in ops.items()}, steps, rounds)
             row = {"kept": kept, "B": b, "sinks+window_us": statistics.median(t["sinks+window"]) * 1e6}
             for name in SCORERS:
                 row[f"{name}_us"] = statistics.median(t[name]) * 1e6
