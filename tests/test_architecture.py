@@ -11,20 +11,26 @@ import torch
 import streamattn as sa
 from streamattn import reference
 from streamattn.core import EMPTY, attend, attend_with_lse, engine_for, register_engine
+from streamattn.core.budget import BudgetEngine
+from streamattn.core.per_head import PerHeadEngine
 from tests.conftest import HEADS, POLICIES, POSITIONS, TOL, make_qkv, max_err
 
 D = 16
 
 
+
+
 def test_registry_picks_the_engine_by_policy_type_and_names_the_known_ones():
     assert engine_for(sa.SinkWindow(4, 16)) is sa.core.SinkWindowEngine
     assert engine_for(sa.Full()) is sa.core.SinkWindowEngine
+    assert engine_for(sa.Compressed()) is BudgetEngine
+    assert engine_for(sa.PerHead((sa.Full(),))) is PerHeadEngine
 
     @dataclasses.dataclass(frozen=True)
     class Unknown:
         kind = "index"
 
-    with pytest.raises(TypeError, match=r"no engine realises policy .*Full, SinkWindow"):
+    with pytest.raises(TypeError, match=r"no engine realises policy .*Compressed, Full, PerHead, SinkWindow"):
         sa.StreamingAttention(Unknown())
     with pytest.raises(ValueError, match="already has the engine"):
         register_engine(sa.SinkWindow)(type("Other", (), {}))
