@@ -18,8 +18,6 @@ from tests.conftest import HEADS, POLICIES, POSITIONS, TOL, make_qkv, max_err
 D = 16
 
 
-
-
 def test_registry_picks_the_engine_by_policy_type_and_names_the_known_ones():
     assert engine_for(sa.SinkWindow(4, 16)) is sa.core.SinkWindowEngine
     assert engine_for(sa.Full()) is sa.core.SinkWindowEngine
