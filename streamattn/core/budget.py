@@ -140,9 +140,7 @@ class BudgetEngine:
         k_raw = k.to(cdt)
         if self.rope is not None:
             self._maybe_rebase(st, 1)
-            pos = [h0] if self.cache_mode else sorted({n0 - b for b in st.base})
-            if len(pos) > 1:
-                pos = [n0 - b for b in st.base]
+            pos = [h0] if self.cache_mode else [n0 - b for b in st.base]  # equal entries: one [D, D] matrix
             m = self._rotations(pos, cdt, dev)
             qw, kw = torch.matmul(q.to(cdt), m), torch.matmul(k_raw, m)
         else:
