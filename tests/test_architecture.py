@@ -181,3 +181,36 @@ def test_attend_lse_and_merge_give_attention_over_the_union(dtype):
     out, w = attend_grouped_weights(q, k, v, mask, 0.25)  # and the grouped-weights kernel agrees
     assert max_err(out, whole) < (1e-12 if dtype == torch.float64 else 1e-5)
     assert torch.allclose(w.sum(-1), torch.ones((), dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_kernels_agree_with_their_plain_forms(dtype):
+    """The budget engine's fast kernels == the plain ops they replace: ``attend_accumulate`` ==
+    ``attend_grouped_weights`` (output, and the mean weights added in place into a strided view),
+    ``take_rows`` == ``gather``, ``apply_rotary(out=)`` == ``apply_rotary``."""
+    from streamattn.core.kernels import attend_accumulate, attend_grouped_weights, take_rows
+    from streamattn.core.rope import RoPE, apply_rotary
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    q, k, v = make_qkv(3, 6, 2, 1, D, dtype, seed=5)
+    k, v = torch.cat([k] + [torch.randn_like(k) for _ in range(9)], 2), torch.cat([v] * 10, 2)  # 10 keys
+    buffer = torch.randn(3, 2, 16, dtype=dtype)  # a score buffer; the call adds into its first 10 slots
+    before = buffer.clone()
+    out = attend_accumulate(q, k, v, buffer.narrow(2, 0, 10), 0.3)
+    ref_out, ref_w = attend_grouped_weights(q, k, v, None, 0.3)
+    assert max_err(out, ref_out) < tol
+    assert max_err(buffer[..., :10], before[..., :10] + ref_w[:, :, 0]) < tol
+    assert torch.equal(buffer[..., 10:], before[..., 10:])
+
+    x = torch.randn(3, 2, 16, D, dtype=dtype)
+    keep = torch.rand(3, 2, 16).argsort(-1)[..., :7].sort(-1).values
+    assert torch.equal(take_rows(x, None, keep), x.gather(2, keep[..., None].expand(-1, -1, -1, D)))
+    rows = torch.tensor([2, 0])
+    assert torch.equal(take_rows(x, rows, keep[:2]), x[rows].gather(2, keep[:2, ..., None].expand(-1, -1, -1, D)))
+    assert torch.equal(take_rows(x[..., 0], rows, keep[:2]), x[rows, ..., 0].gather(2, keep[:2]))
+
+    cos, sin = RoPE(D, 1e4).cos_sin(torch.arange(7), dtype)
+    dest = torch.zeros(3, 2, 16, D, dtype=dtype)
+    apply_rotary(x[:, :, :7], cos, sin, out=dest[:, :, :7])
+    assert max_err(dest[:, :, :7], apply_rotary(x[:, :, :7], cos, sin)) < tol
+    assert torch.all(dest[:, :, 7:] == 0)

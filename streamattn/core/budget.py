@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from streamattn.core.engine import Rotations
-from streamattn.core.kernels import attend, attend_grouped_weights, compute_dtype, write_slots
+from streamattn.core.kernels import (
+    attend,
+    attend_accumulate,
+    attend_grouped_weights,
+    compute_dtype,
+    take_rows,
+    write_slots,
+)
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState
@@ -131,42 +138,46 @@ class BudgetEngine:
 
     def _decode(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token of streams that are all at the same index (B = 1, or a batch in lockstep): the
-        hot path, with no mask and no per-stream bookkeeping tensors."""
+        hot path, with no mask and no per-stream bookkeeping tensors. At this size every op's launch
+        counts: writes go through ``narrow`` (one op, where ``x[:, :, a:b] = y`` takes four)."""
         bsz, hq, _, d = q.shape
         hkv = k.shape[1]
-        dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
+        dtype, cdt = q.dtype, st.score.dtype
         n0 = st.seen[0]
         h0 = self.policy.held(n0)
-        k_raw = k.to(cdt)
+        k_raw = k if k.dtype == cdt else k.to(cdt)
         if self.rope is not None:
-            self._maybe_rebase(st, 1)
+            if not self.cache_mode:
+                self._maybe_rebase(st, 1)
             pos = [h0] if self.cache_mode else [n0 - b for b in st.base]  # equal entries: one [D, D] matrix
-            m = self._rotations(pos, cdt, dev)
-            qw, kw = torch.matmul(q.to(cdt), m), torch.matmul(k_raw, m)
+            m = self._rotations(pos, cdt, q.device)
+            qw, kw = torch.matmul(q if q.dtype == cdt else q.to(cdt), m), torch.matmul(k_raw, m)
         else:
-            qw, kw = q.to(cdt), k_raw
-        st.k[:, :, h0 : h0 + 1] = kw
-        st.v[:, :, h0 : h0 + 1] = v
-        st.index[:, :, h0] = n0
+            qw, kw = (q if q.dtype == cdt else q.to(cdt)), k_raw
+        st.k.narrow(2, h0, 1).copy_(kw)
+        st.v.narrow(2, h0, 1).copy_(v)
+        st.index.narrow(2, h0, 1).fill_(n0)
         key_score = self.scorer.key_score(k_raw)
-        st.score[:, :, h0 : h0 + 1] = 0 if key_score is None else key_score
+        if key_score is not None:  # otherwise the slot's score is already 0: slots past ``held`` hold 0
+            st.score.narrow(2, h0, 1).copy_(key_score)
         if st.k_raw is not None:
-            st.k_raw[:, :, h0 : h0 + 1] = k
-        keys, values = st.k[:, :, : h0 + 1], st.v[:, :, : h0 + 1]
+            st.k_raw.narrow(2, h0, 1).copy_(k)
+        keys, values = st.k.narrow(2, 0, h0 + 1), st.v.narrow(2, 0, h0 + 1)
         observe = self.scorer.observe
         if observe is None or (observe > 0 and n0 % self.every + 1 > self.every - observe):
-            out, w = attend_grouped_weights(qw, keys.to(cdt), values.to(cdt), None, self.scale)
-            st.score[:, :, : h0 + 1] += w[:, :, 0]
+            if keys.dtype != cdt:
+                keys, values = keys.to(cdt), values.to(cdt)
+            out = attend_accumulate(qw, keys, values, st.score.narrow(2, 0, h0 + 1), self.scale)
         else:  # the G query heads of a kv head ride in SDPA's query-length dim
-            grouped = qw.to(dtype).reshape(bsz, hkv, hq // hkv, d)
-            out = attend(grouped, keys, values, None, self.scale).reshape(bsz, hq, 1, d)
+            grouped = (qw if qw.dtype == dtype else qw.to(dtype)).view(bsz, hkv, hq // hkv, d)
+            out = attend(grouped, keys, values, None, self.scale).view(bsz, hq, 1, d)
         st.seen = [n0 + 1] * bsz
         if (n0 + 1) % self.every == 0:
             if h0 + 1 > self.budget:
                 self._evict(st, list(range(bsz)), [h0 + 1] * bsz)
             if observe:
                 st.score.zero_()
-        return out.to(dtype)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def _block(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]) -> torch.Tensor:
         """Attend ``n[b]`` new tokens of each stream (right-padded to T), none past an eviction point;
@@ -295,30 +306,20 @@ class BudgetEngine:
         keep = (c - 1 - order).sort(dim=-1).values  # [E, Hkv, budget] kept slots, in stream order
         every_row = rows == list(range(st.batch_size))
         budget = self.budget
-        for name in ("k", "v", "k_raw", "index", "score"):
+        dest = slice(None) if every_row else at
+        rerotate = st.k_raw is not None  # cache mode: k is rebuilt from k_raw below, no need to move it
+        for name in ("v", "k_raw", "index", "score") if rerotate else ("k", "v", "index", "score"):
             buf = getattr(st, name)
-            if buf is None:
-                continue
-            idx = keep if buf.dim() == 3 else keep[..., None].expand(-1, -1, -1, buf.shape[-1])
-            if every_row:
-                buf[:, :, :budget] = buf.gather(2, idx)
-            else:
-                buf[at, :, :budget] = buf[at].gather(2, idx)
-        tail = slice(budget, None)
-        if every_row:
-            st.index[:, :, tail] = EMPTY
-            st.score[:, :, tail] = 0
-        else:
-            st.index[at, :, tail] = EMPTY
-            st.score[at, :, tail] = 0
-        if st.k_raw is not None:  # ranks changed: rotate the kept keys at their new slots, from the raw copy
+            buf[dest, :, :budget] = take_rows(buf, None if every_row else at, keep)
+        st.index[dest, :, budget:] = EMPTY
+        st.score[dest, :, budget:] = 0
+        if rerotate:  # ranks changed: rotate the kept keys at their new slots, from the raw copy
             cos, sin = self._rank_rotation(st.dtype, dev)
-            raw = (st.k_raw[:, :, :budget] if every_row else st.k_raw[at, :, :budget]).to(cos.dtype)
-            rotated = apply_rotary(raw, cos, sin).to(st.dtype)
-            if every_row:
-                st.k[:, :, :budget] = rotated
+            raw = st.k_raw[dest, :, :budget]
+            if raw.dtype == cos.dtype and every_row:  # straight into the buffer, no temporaries
+                apply_rotary(raw, cos, sin, out=st.k[:, :, :budget])
             else:
-                st.k[at, :, :budget] = rotated
+                st.k[dest, :, :budget] = apply_rotary(raw.to(cos.dtype), cos, sin).to(st.dtype)
 
     def _rank_rotation(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions ``0 .. budget - 1`` (the ranks after an eviction), built once."""

@@ -8,6 +8,8 @@ reads kv head ``h // (Hq / Hkv)``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,20 @@ def write_slots(buffer: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, x
     """``buffer[rows[i], :, slots[i]] = x[i]`` for ``buffer [B, H, N, D]``, ``x [M, H, D]`` (cast to
     the buffer's dtype). One indexed write whatever ``M``; slots of a call must be distinct per row."""
     buffer[rows, :, slots] = x.to(buffer.dtype)
+
+
+def take_rows(buffer: torch.Tensor, rows: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """``out[e, h, i] = buffer[rows[e], h, keep[e, h, i]]`` for ``buffer [B, H, N, *]`` and ``keep
+    [E, H, K]`` (``rows=None``: every row, ``E = B``). One ``index_select`` of whole slots from the
+    flattened buffer (a row copy per kept slot), where ``gather`` with an index expanded over the
+    trailing dims reads one index per element."""
+    b, h, n = buffer.shape[:3]
+    if not buffer.is_contiguous():
+        buffer = buffer.contiguous()
+    first = torch.arange(b, device=keep.device) if rows is None else rows
+    base = (first[:, None] * h + torch.arange(h, device=keep.device)) * n  # [E, H] flat index of slot 0
+    flat = (keep + base[..., None]).reshape(-1)
+    return buffer.view(b * h * n, -1).index_select(0, flat).view(*keep.shape, *buffer.shape[3:])
 
 
 def attend(
@@ -83,12 +99,37 @@ def attend_grouped_weights(
     hkv, n = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    scores = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).view(b, hkv, g, t, n) * scale
+    scores = ((q * scale).reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).view(b, hkv, g, t, n)  # scale the small side
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # [B, 1, 1, T, N] over the group
     p = torch.softmax(scores, dim=-1)
     out = (p.view(b, hkv, g * t, n) @ v).view(b, hq, t, d)
     return out, p.mean(dim=2)
+
+
+@functools.cache
+def _zero_one(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant 0 and 1 (never written): a decode step should not allocate them."""
+    return torch.zeros((), dtype=dtype, device=device), torch.ones((), dtype=dtype, device=device)
+
+
+def attend_accumulate(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """One query per head (a decode step): ``attend_grouped_weights`` whose averaged weights are
+    added into ``acc`` (``[B, Hkv, N]``, in place) instead of returned. Four batched-matmul-sized
+    ops (scores, softmax, output, accumulation), no mask: what an H2O step costs beyond SDPA."""
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    rows = b * hkv
+    zero, one = _zero_one(q.dtype, q.device)
+    scores = torch.baddbmm(zero, q.reshape(rows, g, d), k.reshape(rows, n, d).transpose(1, 2), beta=0, alpha=scale)
+    p = torch.softmax(scores, dim=-1)  # [B * Hkv, G, N]
+    out = torch.bmm(p, v.reshape(rows, n, d)).view(b, hq, 1, d)
+    acc.view(rows, 1, n).baddbmm_(one.expand(rows, 1, g), p, alpha=1.0 / g)
+    return out
 
 
 def attend_lse(

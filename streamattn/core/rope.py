@@ -74,8 +74,18 @@ class RoPE:
         return m
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x[h:], x[:h])``."""
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x[h:], x[:h])``.
+
+    ``out``: write the result there (same shape and dtype as the result, not overlapping ``x``), half
+    by half with no temporaries: what re-rotating a whole buffer in place needs."""
     h = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-    return torch.addcmul(x * cos, rotated, sin)
+    if out is None:
+        rotated = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        return torch.addcmul(x * cos, rotated, sin)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos[..., :h], out=o1).addcmul_(x2, sin[..., :h], value=-1)
+    torch.mul(x2, cos[..., h:], out=o2).addcmul_(x1, sin[..., h:])
+    return out
