@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from streamattn.core.kernels import attend, attend_lse, compute_dtype, merge_lse, rope_at_write, write_slots
+from streamattn.core.kernels import add_keys, attend, attend_lse, compute_dtype, merge_lse, rope_at_write, write_slots
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState
@@ -39,6 +39,77 @@ def _rotation_table(rope: RoPE, start: int, dtype: torch.dtype, device: torch.de
     """
     table = rope.rotation_matrices(torch.arange(start, start + _TABLE, device=device), dtype)
     return table, list(table.unbind(0))
+
+
+@functools.lru_cache(maxsize=4)
+def _range_cos_sin(rope: RoPE, start: int, t: int, dtype: torch.dtype, device: torch.device):
+    """cos/sin ``[1, 1, T, D]`` of positions ``start .. start + t - 1``: the 30 layers of a forward
+    ask for the same ones, so one build serves them all."""
+    return rope.cos_sin(torch.arange(start, start + t, device=device)[None, None], dtype)
+
+
+def _slot_positions(sinks: int, window: int | None, seen: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``[B, S + capacity]`` stream index held by each slot given ``seen [B]``; EMPTY if none."""
+    s, w = sinks, window
+    dev = seen.device
+    sink = torch.arange(s, device=dev)
+    sink_pos = torch.where(sink < seen[:, None], sink, EMPTY)
+    r = torch.arange(capacity, device=dev)
+    newest = (seen - s - 1)[:, None]  # ring offset of the newest window token (< 0: none yet)
+    if w is None:
+        offset = torch.where(r <= newest, r, -1)
+    else:
+        offset = newest - torch.remainder(newest - r, w)
+    ring_pos = torch.where(offset >= 0, s + offset, EMPTY)
+    return torch.cat((sink_pos, ring_pos), dim=1)
+
+
+@functools.lru_cache(maxsize=2)
+def _block_index(seen: tuple, n: tuple, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qpos [B, T], valid [B, T])``: stream index of each column of a block of ``n[b]`` tokens
+    (right-padded to ``t``) after ``seen[b]``, and which columns are real. Never written to."""
+    col = torch.arange(t, device=device)
+    valid = col[None, :] < torch.tensor(n, device=device)[:, None]
+    return torch.tensor(seen, device=device)[:, None] + col[None, :], valid
+
+
+@functools.lru_cache(maxsize=2)
+def _visibility(policy: WindowPolicy, slots: int, seen: tuple, n: tuple, t: int, device: torch.device) -> torch.Tensor:
+    """What a block of ``n[b]`` tokens (right-padded to ``t``) after ``seen[b]`` sees over "buffer of
+    ``slots`` + block": ``see [B, T, slots + T]`` (padded rows see everything). A pure function of
+    its arguments, built once per forward (every layer's engine asks the same); never written to."""
+    qpos, valid = _block_index(seen, n, t, device)
+    held = _slot_positions(policy.sinks, policy.window, torch.tensor(seen, device=device), slots - policy.sinks)
+    kpos = torch.cat((held, torch.where(valid, qpos, EMPTY)), dim=1)  # [B, S + C + T]
+    return policy.visible(qpos[:, :, None], kpos[:, None, :]) | ~valid[:, :, None]
+
+
+@functools.lru_cache(maxsize=1)
+def _sink_merge_bias(policy: WindowPolicy, slots: int, seen: tuple, n: tuple, t: int, device, g: int, dtype):
+    """``_visibility``'s mask over the non-sink keys as an additive bias ``[B, 1, G*T, K - S]`` (rows
+    ``(g, t)``), and the sinks a row does *not* see, bool ``[B, 1, G*T, S]``: once per forward. (The
+    one cached bias is at most ``_SCORE_BUDGET / Hkv`` elements: ``_block_size`` bounds blocks.)"""
+    see = _visibility(policy, slots, seen, n, t, device)
+    bsz, s = see.shape[0], policy.sinks
+    minus_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
+    bias = torch.where(see[:, None, :, s:], torch.zeros((), dtype=dtype, device=device), minus_inf)
+    bias = bias.expand(bsz, g, t, -1).reshape(bsz, 1, g * t, -1)
+    hidden = ~see[:, None, :, :s].expand(bsz, g, t, s).reshape(bsz, 1, g * t, s)
+    return bias, hidden
+
+
+_BAND = 64  # queries per sub-block of a banded block (``SinkWindowEngine._attend_banded``)
+
+
+@functools.lru_cache(maxsize=4)
+def _band_bias(window: int, m: int, g: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive bias ``[1, 1, G*m, window + m - 1]`` (rows ``(g, r)``): row ``r`` sees columns
+    ``r .. r + window - 1``, the window of the ``r``-th query of a sub-block over keys in stream order."""
+    r = torch.arange(m, device=device)[:, None]
+    c = torch.arange(window + m - 1, device=device)[None, :]
+    see = (c >= r) & (c < r + window)
+    bias = torch.zeros(see.shape, dtype=dtype, device=device).masked_fill(~see, float("-inf"))
+    return bias.expand(g, m, -1).reshape(1, 1, g * m, -1)
 
 
 class Rotations:
@@ -136,18 +207,7 @@ class SinkWindowEngine:
 
     def slot_positions(self, seen: torch.Tensor, capacity: int) -> torch.Tensor:
         """``[B, S + capacity]`` stream index held by each slot given ``seen [B]``; EMPTY if none."""
-        s, w = self.sinks, self.window
-        dev = seen.device
-        sink = torch.arange(s, device=dev)
-        sink_pos = torch.where(sink < seen[:, None], sink, EMPTY)
-        r = torch.arange(capacity, device=dev)
-        newest = (seen - s - 1)[:, None]  # ring offset of the newest window token (< 0: none yet)
-        if w is None:
-            offset = torch.where(r <= newest, r, -1)
-        else:
-            offset = newest - torch.remainder(newest - r, w)
-        ring_pos = torch.where(offset >= 0, s + offset, EMPTY)
-        return torch.cat((sink_pos, ring_pos), dim=1)
+        return _slot_positions(self.sinks, self.window, seen, capacity)
 
     def _slot(self, j: int) -> int:
         if j < self.sinks:
@@ -292,60 +352,125 @@ class SinkWindowEngine:
         """Attend ``n[b]`` new tokens of each stream (right-padded to T <= window) with one SDPA over
         a copy of the buffer followed by the block, then commit the block to the state."""
         bsz, _, t, d = q.shape
-        hkv, s = k.shape[1], self.sinks
+        hkv = k.shape[1]
         dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
         self._maybe_rebase(st, t)
         if self.window is None:
             self._reserve(st, max(a + b for a, b in zip(st.seen, n, strict=True)))
-        seen = torch.tensor(st.seen, device=dev)
-        col = torch.arange(t, device=dev)
-        valid = col[None, :] < torch.tensor(n, device=dev)[:, None]  # [B, T]
-        qpos = seen[:, None] + col[None, :]  # [B, T] stream index of each query/key
+        slots = st.k.shape[2]
+        key = (self.policy, slots, tuple(st.seen), tuple(n), t, torch.device(dev))
+        qpos, valid = _block_index(*key[2:])
         q, k_raw, v = q.to(cdt), k.to(cdt), v.to(cdt)
         if min(n) < t:  # padding may hold anything (NaN included): 0 * NaN would leak through P @ V
             pad = ~valid[:, None, :, None]
             q, k_raw, v = q.masked_fill(pad, 0), k_raw.masked_fill(pad, 0), v.masked_fill(pad, 0)
         if self.rope is not None:
-            cos, sin = self.rope.cos_sin((qpos - torch.tensor(st.base, device=dev)[:, None])[:, None], cdt)
+            start = st.seen[0] - st.base[0]
+            if all(a - b == start for a, b in zip(st.seen, st.base, strict=True)):
+                cos, sin = _range_cos_sin(self.rope, start, t, cdt, torch.device(dev))
+            else:
+                cos, sin = self.rope.cos_sin((qpos - torch.tensor(st.base, device=dev)[:, None])[:, None], cdt)
             qw, k = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
         else:
             qw, k = q, k_raw
+        scale = d**-0.5 if self.scale is None else self.scale
+        if self._banded(st, n, t):  # the common chunk of a long stream: keys in stream order, sub-blocks
+            out = self._attend_banded(st, q, qw, k, v, scale)
+            self._write(st, k, v, k_raw, qpos, valid, n)
+            return out.to(dtype)
         # What this block attends to: the buffer as it was, then the block itself. One copy of
         # O((S + C + T) * D), after which the ring may be overwritten freely.
-        slots = st.k.shape[2]
         keys = torch.empty(bsz, hkv, slots + t, d, dtype=cdt, device=dev)
         values = torch.empty_like(keys)
         keys[:, :, :slots], keys[:, :, slots:] = st.k, k
         values[:, :, :slots], values[:, :, slots:] = st.v, v
-        held = self.slot_positions(seen, slots - s)
-        kpos = torch.cat((held, torch.where(valid, qpos, EMPTY)), dim=1)  # [B, S + C + T]
-        see = self.policy.visible(qpos[:, :, None], kpos[:, None, :]) | ~valid[:, :, None]  # [B, T, K]
-        scale = d**-0.5 if self.scale is None else self.scale
+        see = _visibility(*key)
         if st.sink_k is not None and self.cache_mode:
-            out = self._attend_with_sinks(st, q, qw, keys, values, see, qpos, scale)
+            out = self._attend_with_sinks(st, q, qw, keys, values, key, qpos, scale)
         else:
             out = attend(qw, keys, values, see[:, None], scale)  # [B, 1, T, K] mask shared by all heads
         self._write(st, k, v, k_raw, qpos, valid, n)
         return out.masked_fill_(~valid[:, None, :, None], 0).to(dtype)
 
-    def _attend_with_sinks(self, st, q, qw, keys, values, see, qpos, scale) -> torch.Tensor:
+    def _banded(self, st: StreamState, n: list[int], t: int) -> bool:
+        """Cache mode with sinks, every stream at the same index past a full ring, no padding: the
+        block's keys can be laid out in stream order, where each query's window is a band."""
+        return (
+            self.cache_mode
+            and st.sink_k is not None
+            and t >= 16
+            and st.seen[0] >= self.sinks + self.window
+            and all(x == st.seen[0] for x in st.seen)
+            and all(c == t for c in n)
+        )
+
+    def _attend_banded(self, st, q, qw, k, v, scale) -> torch.Tensor:
+        """``_attend_with_sinks`` for a ``_banded`` block, doing ~``window + _BAND`` key reads per
+        query instead of ``window + T``. Ring + block are copied in stream order (column ``c`` holds
+        index ``seen - window + c``), where query ``i`` sees columns ``i + 1 .. i + window``; so a
+        sub-block of ``m`` queries attends one slice of ``window + m - 1`` columns with a band mask
+        that depends only on ``m`` (built once). Every sink is visible, in its frame at position 0
+        (past the anchor the query is not rotated for the sinks); merged by log-sum-exp as there."""
+        bsz, hq, t, d = q.shape
+        hkv, s, w = k.shape[1], self.sinks, self.window
+        g, cdt, dev = hq // hkv, qw.dtype, qw.device
+        o = (st.seen[0] - s) % w  # ring offset of the oldest held token
+        keys = torch.empty(bsz, hkv, w + t, d, dtype=cdt, device=dev)
+        values = torch.empty_like(keys)
+        for dst, ring, new in ((keys, st.k, k), (values, st.v, v)):
+            dst[:, :, : w - o], dst[:, :, w - o : w], dst[:, :, w:] = ring[:, :, s + o :], ring[:, :, s : s + o], new
+        rows = qw.view(bsz, hkv, g, t, d)
+        m = min(_BAND, (t + 1) // 2)
+        ns, dev = t // m, torch.device(dev)
+        full = ns * m
+        out_w = torch.empty(bsz, hkv, g, t, d, dtype=cdt, device=qw.device)
+        lse_w = None
+        for i in range(bsz):
+            # the ns sub-blocks of stream i as one batch: their key slices overlap, a strided view
+            kb, vb = keys[i], values[i]  # [Hkv, window + T, D]
+            size, stride = (ns, hkv, w + m - 1, d), (m * d, kb.stride(0), d, 1)
+            ks = kb.as_strided(size, stride, kb.storage_offset() + d)
+            vs = vb.as_strided(size, stride, vb.storage_offset() + d)
+            qs = rows[i, :, :, :full].reshape(hkv, g, ns, m, d).permute(2, 0, 1, 3, 4).reshape(ns, hkv, g * m, d)
+            out_i, lse_i = attend_lse(qs, ks, vs, _band_bias(w, m, g, cdt, dev), scale)
+            if lse_w is None:
+                lse_w = torch.empty(bsz, hkv, g, t, dtype=lse_i.dtype, device=qw.device)
+            out_w[i, :, :, :full] = out_i.view(ns, hkv, g, m, d).permute(1, 2, 0, 3, 4).reshape(hkv, g, full, d)
+            lse_w[i, :, :, :full] = lse_i.view(ns, hkv, g, m).permute(1, 2, 0, 3).reshape(hkv, g, full)
+            if full < t:  # a last, shorter sub-block
+                r = t - full
+                out_r, lse_r = attend_lse(
+                    rows[i : i + 1, :, :, full:].reshape(1, hkv, g * r, d),
+                    keys[i : i + 1, :, full + 1 : t + w],
+                    values[i : i + 1, :, full + 1 : t + w],
+                    _band_bias(w, r, g, cdt, dev),
+                    scale,
+                )
+                out_w[i, :, :, full:] = out_r.view(hkv, g, r, d)
+                lse_w[i, :, :, full:] = lse_r.view(hkv, g, r)
+        out_w, lse_w = out_w.view(bsz, hkv, g * t, d), lse_w.view(bsz, hkv, g * t)
+        sinks_k, sinks_v = st.sink_k.to(cdt), st.v[:, :, :s].to(cdt)
+        return add_keys(out_w, lse_w, q.reshape(bsz, hkv, g * t, d), sinks_k, sinks_v, scale).view(bsz, hq, t, d)
+
+    def _attend_with_sinks(self, st, q, qw, keys, values, key, qpos, scale) -> torch.Tensor:
         """Cache mode: sink ``j`` sits at distance ``min(t, anchor) - j`` from query ``t``, which no
         single key rotation gives. So the sinks are scored apart, in their own frame (``sink_k``
-        against the query rotated at ``min(t, anchor) - anchor``), and merged with one fused attention
-        over the rest of the keys by log-sum-exp: exact, and no per-head mask is materialised.
-        The G query heads of a kv head ride in the query-length dim (mask shared, no key copies)."""
+        against the query rotated at ``min(t, anchor) - anchor``: 0, no rotation, once the stream is
+        past the anchor), and merged with one fused attention over the rest of the keys by
+        log-sum-exp: exact, and no per-head mask is materialised. The G query heads of a kv head
+        ride in the query-length dim (mask shared, no key copies). ``key``: ``_visibility``'s."""
         bsz, hq, t, d = q.shape
         hkv, s = keys.shape[1], self.sinks
         g = hq // hkv
         cdt = keys.dtype
-        minus_inf = torch.full((), float("-inf"), dtype=cdt, device=q.device)
-        bias = torch.where(see[:, None, :, s:], torch.zeros((), dtype=cdt, device=q.device), minus_inf)
-        bias = bias.expand(bsz, g, t, -1).reshape(bsz, 1, g * t, -1)  # [B, 1, G*T, K - S], rows (g, t)
+        bias, hidden = _sink_merge_bias(*key, g, cdt)
         out_w, lse_w = attend_lse(qw.reshape(bsz, hkv, g * t, d), keys[:, :, s:], values[:, :, s:], bias, scale)
-        qs = self.rope.rotate(q, (qpos.clamp_max(self.anchor) - self.anchor)[:, None])  # [B, Hq, T, D]
+        if min(st.seen) >= self.anchor:
+            qs = q
+        else:
+            qs = self.rope.rotate(q, (qpos.clamp_max(self.anchor) - self.anchor)[:, None])  # [B, Hq, T, D]
         sink_scores = (qs.reshape(bsz, hkv, g * t, d) @ st.sink_k.to(cdt).transpose(-1, -2)) * scale  # [B, Hkv, G*T, S]
-        visible = see[:, None, :, :s].expand(bsz, g, t, s).reshape(bsz, 1, g * t, s)
-        sink_scores = torch.where(visible, sink_scores, minus_inf)
+        sink_scores = sink_scores.masked_fill(hidden, float("-inf"))
         lse_s = torch.logsumexp(sink_scores, dim=-1)
         p = torch.exp(sink_scores - torch.where(torch.isfinite(lse_s), lse_s, 0)[..., None])  # 0 where none visible
         out_s = p @ values[:, :, :s]

@@ -155,6 +155,27 @@ def attend_lse(
     return torch.exp(scores - lse[..., None]) @ v, lse
 
 
+def add_keys(
+    out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention over keys ``A + K`` from the attention over ``A`` (``out [B, H, R, D]``, its
+    log-sum-exp ``lse [B, H, R]``, finite) and a few more keys ``k, v [B, H, S, D]`` that every row
+    ``q [B, H, R, D]`` sees: one softmax over ``[q k^T * scale, lse]`` weighs the S values and ``out``
+    (five ops, where scoring the S keys apart and ``merge_lse`` take a dozen)."""
+    b, h, r, d = q.shape
+    s = k.shape[2]
+    scores = torch.baddbmm(
+        _zero_one(q.dtype, q.device)[0],
+        q.reshape(b * h, r, d),
+        k.reshape(b * h, s, d).transpose(1, 2),
+        beta=0,
+        alpha=scale,
+    )
+    w = torch.softmax(torch.cat((scores, lse.reshape(b * h, r, 1).to(scores.dtype)), dim=-1), dim=-1)  # [B*H, R, S+1]
+    merged = torch.baddbmm(out.reshape(b * h, r, d) * w[..., s:], w[..., :s], v.reshape(b * h, s, d))
+    return merged.view(b, h, r, d)
+
+
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """Attention over keys ``A + B`` from the attentions over ``A`` and over ``B`` and their
     log-sum-exps (``lse_b`` may be ``-inf``: B empty for that row; ``lse_a`` must be finite)."""
