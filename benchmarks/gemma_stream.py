@@ -55,7 +55,7 @@ LABELS = {"sinks=4,window=1020": "sinks 4 + window 1020", "window=1024": "window
 
 
 def _slug(spec: str) -> str:
-    return spec.replace("=", "").replace(",", "_")
+    return spec.replace("=", "").replace(",", "_").replace("|", "~")
 
 
 def _text_ids(tokenizer, n: int) -> torch.Tensor:
@@ -119,7 +119,7 @@ def cmd_run(args) -> None:
     from streamattn.hf import Stream
     from streamattn.policies.spec import parse_policy
 
-    policy = parse_policy(args.policy)
+    policy = parse_policy(args.policy, profile=args.profile)
     model, tokenizer = _load(args.threads)
     ids = _text_ids(tokenizer, args.tokens)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +438,70 @@ def _plot(path: Path, runs, size: int) -> None:
     plt.close(fig)
 
 
+def _short(spec: str) -> str:
+    """A column name for a policy spec."""
+    if spec == "full":
+        return "dense"
+    if spec.startswith("heads="):
+        return "per-head"
+    if "score=" in spec:
+        return spec.split("score=")[1].split(",")[0].split(":")[0]
+    return {"sinks=4,window=1020": "sinks+window", "window=1024": "window only"}.get(spec, spec)
+
+
+def cmd_table(args) -> None:
+    """Perplexity per segment of every run under the given directories, over the tokens all of them
+    scored (runs scored every 4th or every 8th token: the every-8th ones are common); KV bytes of the
+    global layers at the end; chunked throughput (load-dependent: the runs shared the CPU)."""
+    runs = []
+    for folder in args.dirs:
+        for meta_path in sorted(folder.glob("*_meta.json")):
+            meta = json.loads(meta_path.read_text())
+            if meta["policy"] == "window=1024":
+                continue  # no sinks: not a budget policy of the comparison
+            slug = _slug(meta["policy"])
+            with (folder / f"{slug}_nll.csv").open() as f:
+                nll = {int(r["position"]): float(r["nll"]) for r in csv.DictReader(f)}
+            chunks = _chunks(folder / f"{slug}_chunks.csv")
+            runs.append((meta, nll, chunks))
+    order = ["dense", "sinks+window", "tova", "snapkv", "h2o", "knorm", "qfilters", "per-head"]
+    runs.sort(key=lambda r: order.index(_short(r[0]["policy"])) if _short(r[0]["policy"]) in order else 99)
+    common = set.intersection(*(set(n) for m, n, _ in runs if m["policy"] != "full"))
+    dense = next((n for m, n, _ in runs if m["policy"] == "full"), {})
+    size = args.segment
+    starts = sorted({p // size * size for p in common})
+    heads = [_short(m["policy"]) for m, _, _ in runs]
+    lines = [
+        "| segment start | " + " | ".join(heads) + " |",
+        "|---:|" + "---:|" * len(heads),
+    ]
+
+    def ppl(nll: dict, positions) -> str:
+        vals = [nll[p] for p in positions if p in nll]
+        return f"{math.exp(sum(vals) / len(vals)):.2f}" if vals else "-"
+
+    for start in starts:
+        pos = [p for p in common if start <= p < start + size]
+        lines.append(f"| {start:,} | " + " | ".join(ppl(n, pos) for _, n, _ in runs) + " |")
+    within = [p for p in common if p < TRAINED and p in dense] if dense else [p for p in common if p < TRAINED]
+    beyond = [p for p in common if p >= TRAINED]
+    lines.append(f"| all < {TRAINED // 1024}K | " + " | ".join(ppl(n, within) for _, n, _ in runs) + " |")
+    lines.append(f"| all >= {TRAINED // 1024}K | " + " | ".join(ppl(n, beyond) for _, n, _ in runs) + " |")
+    kv = [f"{c[-1]['kv_bytes_global'] / 2**20:.1f}" for _, _, c in runs]
+    lines.append("| global layers' KV at the end, MiB | " + " | ".join(kv) + " |")
+    rate = [f"{sum(c['tokens'] for c in ch) / sum(c['seconds'] for c in ch):.0f}" for _, _, ch in runs]
+    lines.append("| tok/s (scored, shared CPU) | " + " | ".join(rate) + " |")
+    lines += [
+        "",
+        f"Tokens scored per policy: {len(common):,} (every 8th of {max(common) + 1:,}; dense: those < "
+        f"{TRAINED:,}). Policies: " + "; ".join(f"{_short(m['policy'])} = `{m['policy']}`" for m, _, _ in runs) + ".",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        args.write.write_text(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -449,6 +513,9 @@ def main() -> None:
     r.add_argument("--decode-steps", type=int, default=8)
     r.add_argument("--check-tokens", type=int, default=128)
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument(
+        "--profile", type=Path, default=ROOT / "profiles" / f"{MODEL}.json", help="for score=qfilters, heads="
+    )
     r.add_argument("--out", type=Path, default=OUT)
     s = sub.add_parser("speed")
     s.add_argument("--policies", default="sinks=4,window=1020;window=1024;full")
@@ -461,8 +528,12 @@ def main() -> None:
     g.add_argument("--segment", type=int, default=8192)
     g.add_argument("--out", type=Path, default=OUT)
     g.add_argument("--plot", type=Path, default=PLOT)
+    t = sub.add_parser("table", help="compression table: perplexity on the tokens every run scored")
+    t.add_argument("dirs", nargs="+", type=Path)
+    t.add_argument("--segment", type=int, default=8192)
+    t.add_argument("--write", type=Path, default=None)
     args = p.parse_args()
-    {"run": cmd_run, "speed": cmd_speed, "report": cmd_report}[args.command](args)
+    {"run": cmd_run, "speed": cmd_speed, "report": cmd_report, "table": cmd_table}[args.command](args)
 
 
 if __name__ == "__main__":
