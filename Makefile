@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo engine-demo test lint bench bench-engine bench-llm long-stream eval-speed clean
+.PHONY: demo engine-demo test lint bench bench-engine bench-llm bench-chunked long-stream eval-speed clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-engine: $(STAMP)
 
 bench-llm: $(STAMP)
 	$(PY) -m benchmarks.bench_llm
+
+# streamattn vs transformers' bounded caches, chunk by chunk on the same tokens (~7 min on 2 cores).
+bench-chunked: $(STAMP)
+	$(PY) -m benchmarks.bench_chunked --tokens 34816 --positions 1024,4096,16384,32768 --out benchmarks/results/chunked_cpu.md
 
 long-stream: $(STAMP)
 	$(PY) -m benchmarks.long_stream --save-state runs/long_stream_state.pt
