@@ -164,15 +164,13 @@ def add_keys(
     (five ops, where scoring the S keys apart and ``merge_lse`` take a dozen)."""
     b, h, r, d = q.shape
     s = k.shape[2]
-    scores = torch.baddbmm(
-        _zero_one(q.dtype, q.device)[0],
-        q.reshape(b * h, r, d),
-        k.reshape(b * h, s, d).transpose(1, 2),
-        beta=0,
-        alpha=scale,
+    zero = _zero_one(q.dtype, q.device)[0]
+    # rows in the last dim ([B*H, S+1, R]): a softmax over a dim of 5 is slow when it is the last one
+    scores = torch.baddbmm(zero, k.reshape(b * h, s, d), q.reshape(b * h, r, d).transpose(1, 2), beta=0, alpha=scale)
+    w = torch.softmax(torch.cat((scores, lse.reshape(b * h, 1, r).to(scores.dtype)), dim=1), dim=1)
+    merged = torch.baddbmm(
+        out.reshape(b * h, r, d) * w[:, s:].transpose(1, 2), w[:, :s].transpose(1, 2), v.reshape(b * h, s, d)
     )
-    w = torch.softmax(torch.cat((scores, lse.reshape(b * h, r, 1).to(scores.dtype)), dim=-1), dim=-1)  # [B*H, R, S+1]
-    merged = torch.baddbmm(out.reshape(b * h, r, d) * w[..., s:], w[..., :s], v.reshape(b * h, s, d))
     return merged.view(b, h, r, d)
 
 
