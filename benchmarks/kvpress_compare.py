@@ -378,6 +378,14 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def recall_cell(outcomes: list[tuple[bool, bool]]) -> str:
+    """``rank accuracy, exact-match accuracy (questions)`` of (ranked first, generated exactly) pairs."""
+    if not outcomes:
+        return "-"
+    n = len(outcomes)
+    return f"{sum(r for r, _ in outcomes) / n:.2f} {sum(e for _, e in outcomes) / n:.2f} ({n})"
+
+
 def tables(recall: list[dict], ppl: list[dict], args, presses) -> str:
     out = []
     if recall:
@@ -389,15 +397,10 @@ def tables(recall: list[dict], ppl: list[dict], args, presses) -> str:
             "|---|" + "---:|" * len(args.distances),
         ]
         for p in presses:
-            cells = []
-            for d in args.distances:
-                rs = [r for r in recall if r["press"] == p and r["distance"] == d]
-                if rs:
-                    acc = sum(r["correct_rank"] for r in rs) / len(rs)
-                    ex = sum(r["exact"] for r in rs) / len(rs)
-                    cells.append(f"{acc:.2f} {ex:.2f} ({len(rs)})")
-                else:
-                    cells.append("-")
+            cells = [
+                recall_cell([(r["correct_rank"], r["exact"]) for r in recall if r["press"] == p and r["distance"] == d])
+                for d in args.distances
+            ]
             out.append(f"| {PRESS_LABELS[p]} | " + " | ".join(cells) + " |")
         out.append("")
     mem = recall + ppl
@@ -631,15 +634,16 @@ def project_check(recall: list[dict], cfg) -> str:
         "|---|" + "---:|" * len(cfg.distances),
     ]
     for pol in policies:
-        cells = []
-        for d in cfg.distances:
-            rs = [r for r in theirs if r["policy"] == pol and int(r["distance"]) == d]
-            if rs:
-                acc = sum(r["correct_rank"] == "True" for r in rs) / len(rs)
-                ex = sum(r["exact"] == "True" for r in rs) / len(rs)
-                cells.append(f"{acc:.2f} {ex:.2f} ({len(rs)})")
-            else:
-                cells.append("-")
+        cells = [
+            recall_cell(
+                [
+                    (r["correct_rank"] == "True", r["exact"] == "True")
+                    for r in theirs
+                    if r["policy"] == pol and int(r["distance"]) == d
+                ]
+            )
+            for d in cfg.distances
+        ]
         lines.append(f"| {pol} | " + " | ".join(cells) + " |")
     full = {(int(r["trial"]), int(r["distance"])): r for r in theirs if r["policy"] == "full"}
     ours = [r for r in recall if r["press"] == "none" and (r["trial"], r["distance"]) in full]
