@@ -142,13 +142,12 @@ class BudgetEngine:
         counts: writes go through ``narrow`` (one op, where ``x[:, :, a:b] = y`` takes four)."""
         bsz, hq, _, d = q.shape
         hkv = k.shape[1]
-        dtype, cdt = q.dtype, st.score.dtype
+        dtype, cdt = q.dtype, compute_dtype(q.dtype)
         n0 = st.seen[0]
         h0 = self.policy.held(n0)
         k_raw = k if k.dtype == cdt else k.to(cdt)
         if self.rope is not None:
-            if not self.cache_mode:
-                self._maybe_rebase(st, 1)
+            self._maybe_rebase(st, 1)
             pos = [h0] if self.cache_mode else [n0 - b for b in st.base]  # equal entries: one [D, D] matrix
             m = self._rotations(pos, cdt, q.device)
             qw, kw = torch.matmul(q if q.dtype == cdt else q.to(cdt), m), torch.matmul(k_raw, m)

@@ -360,7 +360,7 @@ class SinkWindowEngine:
         if self.window is None:
             self._reserve(st, max(a + b for a, b in zip(st.seen, n, strict=True)))
         slots = st.k.shape[2]
-        key = (self.policy, slots, tuple(st.seen), tuple(n), t, torch.device(dev))
+        key = (self.policy, slots, tuple(st.seen), tuple(n), t, dev)
         qpos, valid = _block_index(*key[2:])
         q, k_raw, v = q.to(cdt), k.to(cdt), v.to(cdt)
         if min(n) < t:  # padding may hold anything (NaN included): 0 * NaN would leak through P @ V
@@ -369,7 +369,7 @@ class SinkWindowEngine:
         if self.rope is not None:
             start = st.seen[0] - st.base[0]
             if all(a - b == start for a, b in zip(st.seen, st.base, strict=True)):
-                cos, sin = _range_cos_sin(self.rope, start, t, cdt, torch.device(dev))
+                cos, sin = _range_cos_sin(self.rope, start, t, cdt, dev)
             else:
                 cos, sin = self.rope.cos_sin((qpos - torch.tensor(st.base, device=dev)[:, None])[:, None], cdt)
             qw, k = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
@@ -423,9 +423,9 @@ class SinkWindowEngine:
             dst[:, :, : w - o], dst[:, :, w - o : w], dst[:, :, w:] = ring[:, :, s + o :], ring[:, :, s : s + o], new
         rows = qw.view(bsz, hkv, g, t, d)
         m = min(_BAND, (t + 1) // 2)
-        ns, dev = t // m, torch.device(dev)
+        ns = t // m
         full = ns * m
-        out_w = torch.empty(bsz, hkv, g, t, d, dtype=cdt, device=qw.device)
+        out_w = torch.empty(bsz, hkv, g, t, d, dtype=cdt, device=dev)
         lse_w = None
         for i in range(bsz):
             # the ns sub-blocks of stream i as one batch: their key slices overlap, a strided view
@@ -436,7 +436,7 @@ class SinkWindowEngine:
             qs = rows[i, :, :, :full].reshape(hkv, g, ns, m, d).permute(2, 0, 1, 3, 4).reshape(ns, hkv, g * m, d)
             out_i, lse_i = attend_lse(qs, ks, vs, _band_bias(w, m, g, cdt, dev), scale)
             if lse_w is None:
-                lse_w = torch.empty(bsz, hkv, g, t, dtype=lse_i.dtype, device=qw.device)
+                lse_w = torch.empty(bsz, hkv, g, t, dtype=lse_i.dtype, device=dev)
             out_w[i, :, :, :full] = out_i.view(ns, hkv, g, m, d).permute(1, 2, 0, 3, 4).reshape(hkv, g, full, d)
             lse_w[i, :, :, :full] = lse_i.view(ns, hkv, g, m).permute(1, 2, 0, 3).reshape(hkv, g, full)
             if full < t:  # a last, shorter sub-block
@@ -483,7 +483,7 @@ class SinkWindowEngine:
         s, t0 = self.sinks, st.seen[0]
         t = k.shape[2]
         if t0 >= s and all(x == t0 for x in st.seen) and all(c == t for c in n):  # in step, no sink, no padding
-            start = t0 if self.window is None else s + (t0 - s) % self.window
+            start = self._slot(t0)
             first = t if self.window is None else min(t, s + self.window - start)  # the rest wraps to slot s
             for buf, x in ((st.k, k), (st.v, v)):
                 buf.narrow(2, start, first).copy_(x.narrow(2, 0, first))
