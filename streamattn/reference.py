@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from streamattn.core.rope import RoPE
-from streamattn.policies import Compressed, Full, PerHead, Policy, SinkWindow
+from streamattn.policies import Compressed, Full, PerHead, Policy, Retrieval, SinkWindow
 
 
 def is_visible(policy: Policy, t: int, j: int) -> bool:
@@ -94,6 +94,12 @@ def attention(
                 "reference: an eviction policy is replayed from the stream's first token (no q_idx/kv_idx)"
             )
         return replay(q, k, v, policy, rope=rope, positions=positions, scale=scale)
+    if isinstance(policy, Retrieval):
+        if q_idx is not None or kv_idx is not None:
+            raise ValueError(
+                "reference: a retrieval policy is replayed from the stream's first token (no q_idx/kv_idx)"
+            )
+        return replay_retrieval(q, k, v, policy, rope=rope, positions=positions, scale=scale)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -192,4 +198,71 @@ def replay(
                 if h == 0:
                     held_out.append([])
                 held_out[bi].append(held)
+    return out
+
+
+def replay_retrieval(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: Retrieval,
+    *,
+    rope: RoPE | None = None,
+    positions: str = "cache",
+    scale: float | None = None,
+    retrieved_out: list[list[list[list[int]]]] | None = None,
+) -> torch.Tensor:
+    """Retrieval memory (``Retrieval``) replayed literally, token by token, per stream and kv head.
+
+    Each kv head keeps a dict ``block -> stamp`` of the blocks in its memory; the rule of
+    ``streamattn.policies.retrieval`` is followed step by step: at a block's entry index add it (and
+    drop the least recently retrieved block if memory is over ``max_blocks``), score every block in
+    memory by the sum over the kv head's query heads of ``sum_d max(q_d lo_d, q_d hi_d)``, take the
+    ``topk`` best (ties: the newer block), stamp them, and attend to sinks + their tokens + window.
+    ``[B, Hq, T, D]`` float64. ``retrieved_out``, if given, receives ``retrieved_out[b][h][t]``: the
+    blocks query ``t`` of stream ``b`` retrieved for kv head ``h``, ascending.
+    """
+    b, hq, t_len, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    s, w, size = policy.sinks, policy.window, policy.block
+    scale = d**-0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(b, hq, t_len, d, dtype=torch.float64)
+    for bi in range(b):
+        if retrieved_out is not None:
+            retrieved_out.append([])
+        for h in range(hkv):
+            heads = list(range(h * group, (h + 1) * group))
+            memory: dict[int, int] = {}  # block -> stamp (the last query that retrieved it)
+            log: list[list[int]] = []
+            for t in range(t_len):
+                entered = policy.blocks_in_memory(t)
+                if entered and policy.entry(entered - 1) == t:  # block entered - 1 enters memory now
+                    memory[entered - 1] = t
+                    if policy.max_blocks is not None and len(memory) > policy.max_blocks:
+                        del memory[min(memory, key=lambda blk: (memory[blk], blk))]
+                qq = q[bi, heads, t]  # [G, D] un-rotated
+                relevance = {}
+                for blk in memory:
+                    keys = k[bi, h, s + blk * size : s + (blk + 1) * size]  # [block, D] un-rotated
+                    lo, hi = keys.min(dim=0).values, keys.max(dim=0).values
+                    relevance[blk] = float(torch.maximum(qq * lo, qq * hi).sum())  # over the G heads and D
+                chosen = sorted(memory, key=lambda blk: (-relevance[blk], -blk))[: policy.topk]
+                for blk in chosen:
+                    memory[blk] = t
+                chosen.sort()
+                log.append(chosen)
+                idx = list(range(min(s, t + 1)))
+                idx += [j for blk in chosen for j in range(s + blk * size, s + (blk + 1) * size)]
+                idx += list(range(max(s, t - w + 1), t + 1))
+                kk, vv, qr = k[bi, h, idx], v[bi, h, idx], q[bi, heads, t : t + 1]  # [n, D], [G, 1, D]
+                if rope is not None:
+                    kpos = torch.tensor(idx) if positions == "absolute" else torch.arange(len(idx))
+                    qpos = torch.tensor([t]) if positions == "absolute" else torch.tensor([len(idx) - 1])
+                    kk, qr = _rope64(kk, kpos, rope.theta), _rope64(qr, qpos, rope.theta)
+                wts = torch.softmax((qr @ kk.T) * scale, dim=-1)  # [G, 1, n]
+                out[bi, heads, t] = (wts @ vv)[:, 0]
+            if retrieved_out is not None:
+                retrieved_out[bi].append(log)
     return out

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# engines register themselves on import: budget, sinks + window, and per-head (just below)
+# engines register themselves on import: budget, sinks + window, retrieval, and per-head (just below)
 import streamattn.core.budget
 import streamattn.core.engine  # noqa: F401
+from streamattn.core.memory import MemoryState
 from streamattn.core.per_head import PerHeadState
 from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
@@ -73,7 +74,7 @@ class StreamingAttention(nn.Module):
         self.policy, self.rope, self.positions = policy, rope, positions
         self.scale = None if scale is None else float(scale)
         self.engine = engine_cls(policy, rope, positions, self.scale, rebase_every, block_size)
-        self.state: StreamState | PerHeadState | None = None
+        self.state: StreamState | PerHeadState | MemoryState | None = None
         self._checked: tuple | None = None  # signature of inputs last validated against self.state
 
     # ------------------------------------------------------------------ streaming
@@ -119,7 +120,7 @@ class StreamingAttention(nn.Module):
 
     def add_streams(self, state: StreamState) -> None:
         """Append the streams of ``state`` (e.g. ``other.state`` or ``other.state.select(...)``) to the batch."""
-        if not isinstance(state, (StreamState, PerHeadState)):
+        if not isinstance(state, (StreamState, PerHeadState, MemoryState)):
             raise TypeError(f"add_streams takes a StreamState, got {type(state).__name__}")
         self._check_layout(state)
         self.state = (

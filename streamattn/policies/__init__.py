@@ -10,6 +10,7 @@ from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
 from streamattn.policies.per_head import PerHead
 from streamattn.policies.per_layer import PerLayer
+from streamattn.policies.retrieval import Retrieval
 from streamattn.policies.sink_window import SinkWindow
 
 _REGISTRY: dict[str, type] = {
@@ -18,6 +19,7 @@ _REGISTRY: dict[str, type] = {
     "Compressed": Compressed,
     "PerHead": PerHead,
     "PerLayer": PerLayer,
+    "Retrieval": Retrieval,
 }
 
 
@@ -43,6 +45,7 @@ __all__ = [
     "PerHead",
     "PerLayer",
     "Policy",
+    "Retrieval",
     "SinkWindow",
     "WindowPolicy",
     "parse_policy",

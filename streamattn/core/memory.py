@@ -1,0 +1,505 @@
+"""The retrieval engine: ``Retrieval`` (sinks + window + the top-k blocks of a memory of evicted blocks).
+
+Layout. ``MemoryState.local`` is a ``StreamState`` of ``sinks + window + block`` slots: slots
+``[0, S)`` hold the sinks rotated at their index ``j`` (frame origin 0, never rebased), slots
+``[S, S + R)`` a ring of ``R = window + block`` tokens rotated at ``j - base`` (token ``j`` in slot
+``S + (j - S) % R``). The ring is ``block`` longer than the window so that a block's tokens are
+all still there when it enters memory (its first token left the window ``block - 1`` queries
+earlier): a block moves into the store with one copy, at its entry index.
+
+The store (``MemoryState``): per stream and kv head, ``C`` block slots, each with its keys in the
+block's own frame (token ``u`` of the block rotated at ``u``), values, the bounds (elementwise
+min / max of the un-rotated keys) that relevance reads, the block's number and its stamp (the last
+query that retrieved it). ``max_blocks=N``: ``C = N`` and an entering block takes the slot of the
+least recently retrieved one; ``None``: block ``b`` in slot ``b``, ``C`` doubling as the stream grows.
+
+Positions. Window keys are rotated once at ``j - base`` and the query at ``t - base`` (distance
+``t - j`` in both modes, as in the window engine). Sinks and retrieved blocks are scored with the
+query rotated per part: a sink (rotated at ``j``) against the query rotated at the query's position
+``P`` (``t``, or its rank in cache mode), a block (rotated at offsets ``u``) against the query
+rotated at ``P - start``, where ``start`` is the block's first position (its stream index, or its
+rank). The parts are merged by log-sum-exp.
+
+Chunks. A segment never crosses an entry index (each stream advances to its next entry at most),
+so the memory a query sees, and the stamps that decide what leaves, are those of token-by-token
+streaming for any chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from streamattn.core.kernels import attend_with_lse, compute_dtype
+from streamattn.core.registry import register_engine
+from streamattn.core.rope import RoPE, apply_rotary
+from streamattn.core.state import EMPTY, StateSpec, StreamState
+from streamattn.policies import Retrieval
+
+NO_BLOCK = -1  # block number of an empty store slot
+_STORE = ("mem_k", "mem_v", "lo", "hi", "block_id", "stamp")
+
+
+@dataclass
+class MemoryState:
+    """A batch of streams of a ``Retrieval`` policy: the local ring and the store of blocks.
+
+    - ``local``: sinks + ring (``StreamState``; ``seen``/``base`` are the streams' counters).
+    - ``mem_k``, ``mem_v``: ``[B, Hkv, C, block, D]`` blocks in memory (keys in the block's frame).
+    - ``lo``, ``hi``: ``[B, Hkv, C, D]`` elementwise min / max of each block's un-rotated keys.
+    - ``block_id``: ``[B, Hkv, C]`` int64 block number held by each slot (``NO_BLOCK``: empty).
+    - ``stamp``: ``[B, Hkv, C]`` int64 the last query that retrieved the block (or its entry index).
+    """
+
+    local: StreamState
+    mem_k: torch.Tensor
+    mem_v: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    block_id: torch.Tensor
+    stamp: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.local.batch_size
+
+    @property
+    def kv_heads(self) -> int:
+        return self.local.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.local.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def seen(self) -> list[int]:
+        return self.local.seen
+
+    @property
+    def capacity(self) -> int:
+        """Block slots per stream and kv head."""
+        return self.mem_k.shape[2]
+
+    def store(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _STORE}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the local buffers and the store (allocated slots)."""
+        return self.local.nbytes + sum(t.numel() * t.element_size() for t in self.store().values())
+
+    def head_nbytes(self) -> list[int]:
+        return [self.nbytes // self.kv_heads] * self.kv_heads
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> MemoryState:
+        local = self.local.select(rows)
+        at = torch.tensor(self.local._rows(rows), device=self.device)
+        return MemoryState(local, **{name: t.index_select(0, at) for name, t in self.store().items()})
+
+    def put(self, rows: torch.Tensor | Sequence[int], other: MemoryState) -> None:
+        self._check_compatible(other)
+        idx = self.local._rows(rows)
+        if len(idx) != other.batch_size or len(set(idx)) != len(idx):
+            raise ValueError(f"put needs {other.batch_size} distinct rows (one per stream of other), got {idx}")
+        if other.capacity > self.capacity:
+            self.widen(other.capacity)
+        self.local.put(idx, other.local)
+        at = torch.tensor(idx, device=self.device)
+        c = other.capacity
+        for name, mine in self.store().items():
+            mine[at] = NO_BLOCK if name == "block_id" else 0
+            mine[at, :, :c] = getattr(other, name)
+
+    @staticmethod
+    def cat(states: Sequence[MemoryState]) -> MemoryState:
+        if not states:
+            raise ValueError("cat needs at least one state")
+        for other in states[1:]:
+            states[0]._check_compatible(other)
+        c = max(s.capacity for s in states)
+        states = [s if s.capacity == c else s._widened(c) for s in states]
+        local = StreamState.cat([s.local for s in states])
+        return MemoryState(local, **{name: torch.cat([getattr(s, name) for s in states]) for name in _STORE})
+
+    def _check_compatible(self, other: Any) -> None:
+        if not isinstance(other, MemoryState) or other.mem_k.shape[3] != self.mem_k.shape[3]:
+            raise ValueError("retrieval states of different block sizes (or not retrieval states) cannot share a batch")
+        self.local._check_compatible(other.local)
+
+    def widen(self, c: int) -> None:
+        """Grow the store to ``c >= capacity`` block slots (new slots empty)."""
+        for name, t in self._widened(c).store().items():
+            setattr(self, name, t)
+
+    def _widened(self, c: int) -> MemoryState:
+        grown = {}
+        for name, t in self.store().items():
+            pad = t.new_full((*t.shape[:2], c - t.shape[2], *t.shape[3:]), NO_BLOCK if name == "block_id" else 0)
+            grown[name] = torch.cat((t, pad), dim=2)
+        return MemoryState(self.local, **grown)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"local": self.local.to_dict(), **{name: t.clone() for name, t in self.store().items()}}
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """What a saved ``MemoryState`` must look like: the local ``StateSpec``, the block size and the
+    store's capacity (``None``: growing)."""
+
+    local: StateSpec
+    block: int
+    capacity: int | None
+
+    def load(self, raw: Any) -> MemoryState:
+        if not isinstance(raw, Mapping) or any(name not in raw for name in ("local", *_STORE)):
+            raise ValueError(f"malformed retrieval state: expected a dict with 'local' and {list(_STORE)}")
+        local = self.local.load(raw["local"])
+        b, hkv, _, d = local.k.shape
+        c = raw["mem_k"].shape[2] if isinstance(raw["mem_k"], torch.Tensor) and raw["mem_k"].dim() == 5 else -1
+        if c < 0 or (self.capacity is not None and c != self.capacity):
+            raise ValueError(
+                f"malformed retrieval state: mem_k must be [B, Hkv, C, {self.block}, D] with C = "
+                f"{self.capacity if self.capacity is not None else 'any'}"
+            )
+        expected = {
+            "mem_k": ((b, hkv, c, self.block, d), local.dtype),
+            "mem_v": ((b, hkv, c, self.block, d), local.dtype),
+            "lo": ((b, hkv, c, d), local.dtype),
+            "hi": ((b, hkv, c, d), local.dtype),
+            "block_id": ((b, hkv, c), torch.int64),
+            "stamp": ((b, hkv, c), torch.int64),
+        }
+        store = {}
+        for name, (shape, dtype) in expected.items():
+            t = raw[name]
+            if (
+                not isinstance(t, torch.Tensor)
+                or tuple(t.shape) != shape
+                or t.dtype != dtype
+                or t.device != local.device
+            ):
+                raise ValueError(
+                    f"malformed retrieval state: {name} must be a {dtype} {list(shape)} tensor on {local.device}"
+                )
+            store[name] = t.clone()
+        return MemoryState(local, **store)
+
+
+@register_engine(Retrieval)
+class RetrievalEngine:
+    """Realises ``Retrieval(sinks, window, block, topk, max_blocks)``; holds no stream."""
+
+    def __init__(
+        self,
+        policy: Retrieval,
+        rope: RoPE | None,
+        positions: str,
+        scale: float | None,
+        rebase_every: int,
+        block_size: int,
+    ) -> None:
+        self.policy = policy
+        self.sinks, self.window, self.block, self.topk = policy.sinks, policy.window, policy.block, policy.topk
+        self.ring = policy.window + policy.block
+        self.rope = rope
+        self.cache_mode = positions == "cache"
+        self.scale = scale
+        self.rebase_every = rebase_every
+        self.block_size = block_size
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, b: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> MemoryState:
+        slots = self.sinks + self.ring
+        local = StreamState(
+            k=torch.zeros(b, hkv, slots, d, dtype=dtype, device=device),
+            v=torch.zeros(b, hkv, slots, d, dtype=dtype, device=device),
+            sink_k=None,
+            seen=[0] * b,
+            base=[0] * b,
+        )
+        c = self.policy.max_blocks or 4
+        return MemoryState(
+            local,
+            mem_k=torch.zeros(b, hkv, c, self.block, d, dtype=dtype, device=device),
+            mem_v=torch.zeros(b, hkv, c, self.block, d, dtype=dtype, device=device),
+            lo=torch.zeros(b, hkv, c, d, dtype=dtype, device=device),
+            hi=torch.zeros(b, hkv, c, d, dtype=dtype, device=device),
+            block_id=torch.full((b, hkv, c), NO_BLOCK, dtype=torch.int64, device=device),
+            stamp=torch.zeros(b, hkv, c, dtype=torch.int64, device=device),
+        )
+
+    @property
+    def spec(self) -> MemorySpec:
+        local = StateSpec(
+            sinks=self.sinks,
+            slots=self.sinks + self.ring,
+            head_dim=None if self.rope is None else self.rope.head_dim,
+            sink_k=False,
+            index=False,
+        )
+        return MemorySpec(local, self.block, self.policy.max_blocks)
+
+    def check_inputs(self, hkv: int, d: int) -> None:
+        pass
+
+    def _held_blocks(self, t: int) -> int:
+        """Blocks in memory (per kv head) when query ``t`` attends (after ``t`` tokens: ``t - 1``)."""
+        n = self.policy.blocks_in_memory(t) if t >= 0 else 0
+        return n if self.policy.max_blocks is None else min(n, self.policy.max_blocks)
+
+    def _ring_index(self, seen: torch.Tensor) -> torch.Tensor:
+        """``[B, R]``: the stream index held by each ring slot after ``seen`` tokens (EMPTY: none)."""
+        r = torch.arange(self.ring, device=seen.device)
+        last = seen[:, None] - 1 - self.sinks - r  # the newest j - S - r that is >= 0 and = 0 mod R
+        j = self.sinks + r + self.ring * torch.div(last, self.ring, rounding_mode="floor")
+        return torch.where(last >= 0, j, EMPTY)
+
+    def slot_index(self, st: MemoryState) -> torch.Tensor:
+        """Stream index per slot: sinks, ring, then every token slot of the store."""
+        seen = torch.tensor(st.seen, device=st.device)
+        b, hkv = st.batch_size, st.kv_heads
+        sinks = torch.arange(self.sinks, device=st.device)
+        sinks = torch.where(sinks[None] < seen[:, None], sinks[None], EMPTY)
+        local = torch.cat((sinks, self._ring_index(seen)), dim=1)[:, None].expand(b, hkv, -1)
+        u = torch.arange(self.block, device=st.device)
+        tokens = self.sinks + st.block_id[..., None] * self.block + u  # [B, Hkv, C, block]
+        tokens = torch.where(st.block_id[..., None] == NO_BLOCK, EMPTY, tokens).flatten(2)
+        return torch.cat((local, tokens), dim=2)
+
+    def cached(self, st: MemoryState) -> list[int]:
+        """Keys held per stream and kv head: sinks, the ring and the blocks in memory."""
+        s = self.sinks
+        return [min(n, s) + min(max(n - s, 0), self.ring) + self._held_blocks(n - 1) * self.block for n in st.seen]
+
+    # ------------------------------------------------------------------ streaming
+    def _to_next_entry(self, seen: int) -> int:
+        """Tokens from index ``seen`` up to (excluding) the next entry index after it."""
+        first = self.policy.entry(0)
+        return first - seen if seen < first else self.block - (seen - first) % self.block
+
+    def forward(
+        self, st: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """Stream ``counts[b]`` tokens of each stream (right-padded to T), in segments that end
+        before each stream's next entry index."""
+        bsz, _, _, d = q.shape
+        out = q.new_zeros(q.shape)
+        done = [0] * bsz
+        while True:
+            n = [
+                max(0, min(c - o, self._to_next_entry(s), self.block_size))
+                for c, o, s in zip(counts, done, st.seen, strict=True)
+            ]
+            width = max(n)
+            if width == 0:
+                return out
+            if all(o == done[0] for o in done):
+                o = done[0]
+                out[:, :, o : o + width] = self._segment(
+                    st, q[:, :, o : o + width], k[:, :, o : o + width], v[:, :, o : o + width], n
+                )
+            else:
+                parts = []
+                for x in (q, k, v):
+                    part = x.new_zeros(bsz, x.shape[1], width, d)
+                    for b, (o, m) in enumerate(zip(done, n, strict=True)):
+                        part[b, :, :m] = x[b, :, o : o + m]
+                    parts.append(part)
+                res = self._segment(st, *parts, n)
+                for b, (o, m) in enumerate(zip(done, n, strict=True)):
+                    out[b, :, o : o + m] = res[b, :, :m]
+            done = [o + m for o, m in zip(done, n, strict=True)]
+
+    def _segment(
+        self, st: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]
+    ) -> torch.Tensor:
+        """``n[b]`` tokens of each stream (right-padded to T), none past an entry index other than
+        the segment's first: enter due blocks, attend (window, sinks, retrieved blocks), commit."""
+        t, d = q.shape[2], q.shape[3]
+        dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
+        loc, s, w = st.local, self.sinks, self.window
+        scale = d**-0.5 if self.scale is None else self.scale
+        first = self.policy.entry(0)
+        for b, m in enumerate(n):
+            if m and loc.seen[b] >= first and (loc.seen[b] - first) % self.block == 0:  # an entry index
+                self._enter(st, b)
+        self._maybe_rebase(loc, t)
+        seen = torch.tensor(loc.seen, device=dev)
+        col = torch.arange(t, device=dev)
+        valid = col[None, :] < torch.tensor(n, device=dev)[:, None]  # [B, T]
+        qpos = seen[:, None] + col  # [B, T] stream index of each token
+        q, k_raw, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        if min(n) < t:  # padding may hold anything (NaN included)
+            pad = ~valid[:, None, :, None]
+            q, k_raw, v = q.masked_fill(pad, 0), k_raw.masked_fill(pad, 0), v.masked_fill(pad, 0)
+        base = torch.tensor(loc.base, device=dev)[:, None]
+        qw, kw = self._rotate(q, (qpos - base)[:, None]), self._rotate(k_raw, (qpos - base)[:, None])
+
+        # sinks of this segment are written first (a query sees the sinks up to itself)
+        is_sink = valid & (qpos < s)
+        if bool(is_sink.any()):
+            b_idx, i_idx = is_sink.nonzero(as_tuple=True)
+            j = qpos[b_idx, i_idx]
+            sink_keys = self._rotate(k_raw.transpose(1, 2)[b_idx, i_idx][:, :, None], j[:, None, None])[:, :, 0]
+            loc.k[b_idx, :, j] = sink_keys.to(loc.dtype)
+            loc.v[b_idx, :, j] = v.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
+
+        # the window: ring + segment, keys at j - base
+        kidx = torch.cat((self._ring_index(seen), qpos), dim=1)  # [B, R + T]
+        see = (kidx[:, None, :] <= qpos[:, :, None]) & (kidx[:, None, :] > qpos[:, :, None] - w)
+        see &= kidx[:, None, :] >= s
+        keys = torch.cat((loc.k[:, :, s:].to(cdt), kw), dim=2)
+        values = torch.cat((loc.v[:, :, s:].to(cdt), v), dim=2)
+        outs, lses = [], []
+        o_w, l_w, _ = attend_with_lse(qw, keys, values, see[:, None], scale)
+        outs.append(o_w)
+        lses.append(l_w)
+
+        # how many blocks each query retrieves, and its position
+        held = [self._held_blocks(x) for x in loc.seen]
+        kq = torch.tensor([min(self.topk, h) for h in held], device=dev)[:, None]  # [B, 1]
+        n_sinks = qpos.clamp(max=s - 1) + 1 if s else torch.zeros_like(qpos)  # sinks visible
+        n_win = (qpos + 1 - s).clamp(min=0, max=w)
+        ppos = (n_sinks + kq * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
+
+        if s:  # sinks, rotated at j, against the query at its position
+            qs = self._rotate(q, ppos[:, None])
+            sink_see = torch.arange(s, device=dev)[None, None, :] <= qpos[:, :, None]
+            o_s, l_s, _ = attend_with_lse(
+                qs, loc.k[:, :, :s].to(cdt), loc.v[:, :, :s].to(cdt), sink_see[:, None], scale
+            )
+            outs.append(o_s)
+            lses.append(l_s)
+
+        if max(held) > 0:
+            o_m, l_m = self._attend_memory(st, q, qpos, ppos, n_sinks, valid, scale)
+            outs.append(o_m)
+            lses.append(l_m)
+
+        lse = torch.logsumexp(torch.stack(lses), dim=0)  # [B, Hq, T]
+        out = sum(o * torch.exp(part - lse)[..., None] for o, part in zip(outs, lses, strict=True))
+
+        # commit: ring tokens (the sinks are written above)
+        in_ring = valid & (qpos >= s)
+        if bool(in_ring.any()):
+            b_idx, i_idx = in_ring.nonzero(as_tuple=True)
+            slot = s + (qpos[b_idx, i_idx] - s) % self.ring
+            loc.k[b_idx, :, slot] = kw.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
+            loc.v[b_idx, :, slot] = v.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
+        loc.seen = [x + m for x, m in zip(loc.seen, n, strict=True)]
+        return out.masked_fill(~valid[:, None, :, None], 0).to(dtype)
+
+    def _attend_memory(self, st, q, qpos, ppos, n_sinks, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's ``topk`` blocks by relevance (per kv head), attended with the query rotated per
+        block; stamps updated. Returns the output and log-sum-exp of this part, ``[B, Hq, T, *]``."""
+        bsz, hq, t, d = q.shape
+        hkv, c, size = st.kv_heads, st.capacity, self.block
+        g = hq // hkv
+        cdt = q.dtype
+        qg = q.view(bsz, hkv, g, t, d)
+        rel = qg.clamp(min=0).sum(2) @ st.hi.to(cdt).transpose(-1, -2) + qg.clamp(max=0).sum(2) @ st.lo.to(
+            cdt
+        ).transpose(-1, -2)  # [B, Hkv, T, C]: sum_g sum_d max(q lo, q hi)
+        empty = st.block_id == NO_BLOCK
+        rel = rel.masked_fill(empty[:, :, None, :], float("-inf"))
+        # best first; among equal relevance the newer block (slots ordered by block number, descending)
+        order = torch.sort(st.block_id, dim=-1, descending=True, stable=True).indices  # [B, Hkv, C]
+        ordered = rel.gather(-1, order[:, :, None, :].expand(-1, -1, t, -1))
+        kk = min(self.topk, c)
+        top = torch.sort(ordered, dim=-1, descending=True, stable=True).indices[..., :kk]
+        chosen = order[:, :, None, :].expand(-1, -1, t, -1).gather(-1, top)  # [B, Hkv, T, K] slots
+        ok = torch.isfinite(rel.gather(-1, chosen))
+        bid = st.block_id[:, :, None, :].expand(-1, -1, t, -1).gather(-1, chosen)
+        by_block = torch.sort(torch.where(ok, bid, EMPTY), dim=-1).indices  # ascending block number, empty last
+        chosen, ok, bid = chosen.gather(-1, by_block), ok.gather(-1, by_block), bid.gather(-1, by_block)
+
+        flat = ((torch.arange(bsz, device=q.device)[:, None] * hkv + torch.arange(hkv, device=q.device)) * c)[
+            :, :, None, None
+        ] + chosen  # [B, Hkv, T, K]
+        keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, t, kk, size, d)
+        values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, t, kk, size, d)
+        if self.cache_mode:  # rank r of a retrieved block (ascending) starts at n_sinks + r * block
+            rank = torch.arange(kk, device=q.device)
+            rot = ppos[:, None, :, None] - n_sinks[:, None, :, None] - rank * size
+        else:
+            rot = qpos[:, None, :, None] - (self.sinks + bid * size)
+        qr = self._rotate(qg.permute(0, 1, 3, 2, 4)[:, :, :, None], rot[..., None].expand(-1, -1, -1, -1, g))
+        scores = (qr @ keys.to(cdt).transpose(-1, -2)) * scale  # [B, Hkv, T, K, G, block]
+        scores = scores.masked_fill(~ok[..., None, None], float("-inf"))
+        scores = scores.permute(0, 1, 4, 2, 3, 5).reshape(bsz, hkv, g, t, kk * size)
+        lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, T]
+        p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+        vals = values.to(cdt).reshape(bsz, hkv, 1, t, kk * size, d)
+        out = (p[..., None, :] @ vals)[..., 0, :]  # [B, Hkv, G, T, D]
+
+        # stamps: the last (valid) query that retrieved each slot
+        stamp_of = torch.where(ok & valid[:, None, :, None], qpos[:, None, :, None], -1)
+        st.stamp.scatter_reduce_(-1, chosen.reshape(bsz, hkv, -1), stamp_of.reshape(bsz, hkv, -1), reduce="amax")
+        return out.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
+
+    def _enter(self, st: MemoryState, b: int) -> None:
+        """Stream ``b`` is at the entry index of its next block: move that block from the ring into
+        the store (in its own frame, with its bounds), taking the least recently retrieved block's
+        slot when memory is full."""
+        loc, s, size = st.local, self.sinks, self.block
+        blk = self.policy.blocks_in_memory(loc.seen[b]) - 1
+        first = s + blk * size
+        slots = s + (torch.arange(first, first + size, device=st.device) - s) % self.ring
+        ring = loc.k[b, :, slots].to(compute_dtype(st.dtype))  # [Hkv, block, D], rotated at j - base
+        shift = first - loc.base[b]
+        u = torch.arange(size, device=st.device)
+        local = self._rotate(ring, torch.full_like(u, -shift)) if self.rope is not None else ring
+        raw = self._rotate(ring, -(shift + u)) if self.rope is not None else ring
+        held = self._held_blocks(loc.seen[b] - 1)  # before this block
+        max_blocks = self.policy.max_blocks
+        hkv = st.kv_heads
+        if max_blocks is None:
+            if blk >= st.capacity:
+                st.widen(max(2 * st.capacity, blk + 1))
+            slot = torch.full((hkv,), blk, device=st.device)
+        elif held < max_blocks:
+            slot = torch.full((hkv,), held, device=st.device)
+        else:  # the least recently retrieved (lowest stamp; among equal stamps the older block) leaves
+            stamp = st.stamp[b]
+            oldest = stamp == stamp.min(dim=-1, keepdim=True).values
+            slot = torch.where(oldest, st.block_id[b], EMPTY).argmin(dim=-1)
+        heads = torch.arange(hkv, device=st.device)
+        st.mem_k[b, heads, slot] = local.to(st.dtype)
+        st.mem_v[b, heads, slot] = loc.v[b, :, slots]
+        st.lo[b, heads, slot] = raw.min(dim=1).values.to(st.dtype)
+        st.hi[b, heads, slot] = raw.max(dim=1).values.to(st.dtype)
+        st.block_id[b, heads, slot] = blk
+        st.stamp[b, heads, slot] = loc.seen[b]
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [..., n, D]`` rotated at ``positions`` (broadcastable to ``x.shape[:-1]``); identity without RoPE."""
+        if self.rope is None:
+            return x
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        return apply_rotary(x, cos, sin)
+
+    def _maybe_rebase(self, loc: StreamState, t: int) -> None:
+        """Move the frame origin of streams whose ring positions would exceed ``rebase_every``: the
+        ring is re-rotated once (sinks and the store are in their own frames)."""
+        if self.rope is None:
+            return
+        for b, (seen, base) in enumerate(zip(loc.seen, loc.base, strict=True)):
+            delta = seen - base
+            if delta + t <= self.rebase_every or delta == 0:
+                continue
+            cdt = compute_dtype(loc.dtype)
+            back = self.rope.rotation_matrices(torch.tensor(-delta, device=loc.device), cdt)
+            loc.k[b, :, self.sinks :] = torch.matmul(loc.k[b, :, self.sinks :].to(cdt), back).to(loc.dtype)
+            loc.base[b] = seen

@@ -1,0 +1,87 @@
+"""Retrieval memory of evicted blocks (InfLLM's idea: Xiao et al. 2024, "InfLLM: Training-Free
+Long-Context Extrapolation for LLMs with an Efficient Context Memory"; block relevance by Quest's
+bound: Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference").
+
+The rule, exactly (``streamattn.reference.replay_retrieval`` implements it literally):
+
+1. **Local keys.** Query ``t`` sees the sinks (index ``j < sinks``) and the last ``window`` tokens
+   (``t - window < j <= t``), as ``SinkWindow``.
+2. **Memory blocks.** Tokens after the sinks are grouped in blocks of ``block`` tokens: block ``b``
+   holds indices ``[sinks + b * block, sinks + (b + 1) * block)``. Block ``b`` *enters memory* at the
+   first query that no longer sees any of its tokens locally, ``t = sinks + (b + 1) * block - 1 +
+   window``: a fixed stream index (whatever the chunking). Tokens that left the window before their
+   block entered are seen by no query until it does (at most ``block - 1`` of them).
+3. **Retrieval, per query and kv head.** Each memory block has two *bounds* per kv head, the
+   elementwise min and max of its un-rotated keys; its relevance to query ``t`` is Quest's upper
+   bound on the score at distance 0, summed over the query heads ``g`` of the kv head:
+   ``sum_g sum_d max(q_gd * lo_d, q_gd * hi_d)`` (un-rotated ``q``). Query ``t`` attends, besides
+   its local keys, to every key of the ``topk`` most relevant blocks in memory (higher relevance
+   first, among equal relevance the newer block), all of them if fewer are in memory.
+4. **Bounded memory** (``max_blocks=N``): a kv head keeps at most ``N`` blocks. When a block enters
+   a full memory, the block least recently retrieved leaves (a block's *stamp* is the last query
+   that retrieved it, or the query at which it entered; lowest stamp leaves, among equal stamps the
+   older block); heads decide independently. ``max_blocks=None`` keeps every block (the store
+   grows by ``block`` tokens per ``block`` tokens streamed).
+
+So a query attends to at most ``sinks + window + topk * block`` keys, however long the stream.
+
+Positions (``StreamingAttention(positions=...)``): ``"absolute"``: every key at its stream index;
+``"cache"``: at its rank among the keys the query sees, ordered by stream index (sinks, retrieved
+blocks, window; the query at the last rank), StreamingLLM's rule extended to retrieved blocks: a
+window key sits at distance ``t - j``, a retrieved block right before the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from streamattn.policies.base import check_int
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Sinks + window + the ``topk`` most relevant of the blocks that left the window."""
+
+    sinks: int = 4
+    window: int = 1020
+    block: int = 128
+    topk: int = 4
+    max_blocks: int | None = None
+    kind: ClassVar[str] = "memory"
+
+    def __post_init__(self) -> None:
+        check_int("Retrieval", "sinks", self.sinks, 0)
+        check_int("Retrieval", "window", self.window, 1)
+        check_int("Retrieval", "block", self.block, 1)
+        check_int("Retrieval", "topk", self.topk, 1)
+        if self.max_blocks is not None:
+            check_int("Retrieval", "max_blocks", self.max_blocks, self.topk)
+
+    @property
+    def name(self) -> str:
+        keep = "" if self.max_blocks is None else f"_max{self.max_blocks}"
+        return f"retrieval_sink{self.sinks}_window{self.window}_block{self.block}_top{self.topk}{keep}"
+
+    @property
+    def capacity(self) -> int:
+        """Most keys a query attends to: ``sinks + window + topk * block``."""
+        return self.sinks + self.window + self.topk * self.block
+
+    def blocks_in_memory(self, t: int) -> int:
+        """Blocks that have entered memory by query ``t`` (0, 1, ...; before any drop)."""
+        return max(0, (t + 1 - self.window - self.sinks) // self.block)
+
+    def entry(self, b: int) -> int:
+        """The query at which block ``b`` enters memory."""
+        return self.sinks + (b + 1) * self.block - 1 + self.window
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "type": "Retrieval",
+            "sinks": self.sinks,
+            "window": self.window,
+            "block": self.block,
+            "topk": self.topk,
+            "max_blocks": self.max_blocks,
+        }

@@ -1,0 +1,229 @@
+"""Retrieval (memory of evicted blocks): engine == fp64 step-by-step replay, any chunking.
+
+Exactness is checked in float64 (relevance equal to ~1e-15, so every retrieval and every drop is the
+same); the retrieved blocks are compared through the outputs and the blocks held through the state.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import streamattn as sa
+from streamattn import reference
+from streamattn.core.memory import NO_BLOCK
+from tests.conftest import HEADS, POSITIONS, chunk_sizes, make_qkv, max_err, stream, stream_ragged
+
+D = 16
+T = 90
+# blocks of 3 after 2 sinks, window 5: block b enters at 2 + 3(b + 1) - 1 + 5; ~27 blocks in 90 tokens
+POLICIES = [
+    pytest.param(sa.Retrieval(sinks=2, window=5, block=3, topk=2), id="sink2_win5_block3_top2"),
+    pytest.param(sa.Retrieval(sinks=0, window=4, block=2, topk=1), id="win4_block2_top1"),
+    pytest.param(sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4), id="max4"),
+    pytest.param(sa.Retrieval(sinks=1, window=3, block=4, topk=3, max_blocks=3), id="top3_max3"),
+]
+CHUNKINGS = [1, 3, 7, 4, 13, "random"]  # {1, 3, 7, > block, > window + block, random}
+
+
+def blocks_held(attn) -> list[list[list[int]]]:
+    """Block numbers each kv head holds, per stream, ascending."""
+    ids = attn.state.block_id
+    return [[sorted(b for b in row.tolist() if b != NO_BLOCK) for row in heads] for heads in ids]
+
+
+def replay_blocks(pol, retrieved, t_len) -> list[list[int]]:
+    """Blocks each kv head holds after ``t_len`` tokens, from the replay's retrieval log (max_blocks)."""
+    out = []
+    for log in retrieved:
+        memory: dict[int, int] = {}
+        for t in range(t_len):
+            n = pol.blocks_in_memory(t)
+            if n and pol.entry(n - 1) == t:
+                memory[n - 1] = t
+                if pol.max_blocks is not None and len(memory) > pol.max_blocks:
+                    del memory[min(memory, key=lambda b: (memory[b], b))]
+            for b in log[t]:
+                memory[b] = t
+        out.append(sorted(memory))
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("heads", HEADS)
+def test_any_chunking_equals_the_replay(policy, positions, heads):
+    hq, hkv = heads
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(2, hq, hkv, T, D, torch.float64, seed=hq + hkv)
+    retrieved: list = []
+    ref = reference.replay_retrieval(q, k, v, policy, rope=rope, positions=positions, retrieved_out=retrieved)
+    assert any(len(r) == policy.topk for log in retrieved[0] for r in log), "the test must retrieve"
+    for spec in CHUNKINGS:
+        attn = sa.StreamingAttention(policy, rope, positions)
+        out = stream(attn, q, k, v, chunk_sizes(spec, T, seed=7))
+        assert max_err(out, ref) < 1e-12, spec
+        assert blocks_held(attn) == [replay_blocks(policy, r, T) for r in retrieved], spec
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_retrieval_changes_the_output_and_needs_its_memory(policy):
+    """Not vacuous: before the first block enters, the output is sinks + window's; after, the
+    retrieved blocks change it (absolute positions: the same positions in both)."""
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(1, 4, 2, T, D, torch.float64, seed=1)
+    out = stream(sa.StreamingAttention(policy, rope, "absolute"), q, k, v, [T])
+    local = sa.SinkWindow(sinks=policy.sinks, window=policy.window)
+    plain = reference.attention(q, k, v, local, rope=rope, positions="absolute")
+    before = slice(0, policy.entry(0))  # no block in memory yet: exactly sinks + window
+    assert max_err(out[:, :, before], plain[:, :, before]) < 1e-12
+    late = slice(policy.entry(0), T)
+    assert max_err(out[:, :, late], plain[:, :, late]) > 1e-3
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_ragged_batch_equals_each_stream_alone(policy, positions):
+    """B=3 streams of different lengths, each chunked its own way, padded with NaN: each == its replay."""
+    hq, hkv = 6, 2
+    rope = sa.RoPE(D)
+    lengths = [90, 41, 67]
+    qs, ks, vs = [], [], []
+    for i, n in enumerate(lengths):
+        q, k, v = make_qkv(1, hq, hkv, n, D, torch.float64, seed=20 + i)
+        qs.append(q[0]), ks.append(k[0]), vs.append(v[0])
+    attn = sa.StreamingAttention(policy, rope, positions)
+    outs = stream_ragged(attn, qs, ks, vs, [chunk_sizes("random", n, seed=i) for i, n in enumerate(lengths)])
+    for i in range(3):
+        ref = reference.replay_retrieval(qs[i][None], ks[i][None], vs[i][None], policy, rope=rope, positions=positions)
+        assert max_err(outs[i], ref[0]) < 1e-12
+
+
+def test_no_rope_and_rebasing_change_nothing():
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4)
+    q, k, v = make_qkv(1, 4, 2, 200, D, torch.float64, seed=3)
+    rope = sa.RoPE(D)
+    for positions in POSITIONS:
+        plain = stream(sa.StreamingAttention(pol, rope, positions), q, k, v, [37] * 5 + [15])
+        rebased = stream(sa.StreamingAttention(pol, rope, positions, rebase_every=16), q, k, v, [37] * 5 + [15])
+        assert max_err(plain, rebased) < 1e-12
+        assert max_err(plain, reference.replay_retrieval(q, k, v, pol, rope=rope, positions=positions)) < 1e-12
+    out = stream(sa.StreamingAttention(pol, None, "cache"), q, k, v, chunk_sizes("random", 200))
+    assert max_err(out, reference.replay_retrieval(q, k, v, pol, rope=None)) < 1e-12
+
+
+def test_bounded_memory_is_constant_bytes_and_unbounded_grows_by_blocks():
+    q, k, v = make_qkv(2, 4, 2, 400, D, torch.float32, seed=4)
+    bounded = sa.StreamingAttention(sa.Retrieval(sinks=2, window=8, block=4, topk=2, max_blocks=5), sa.RoPE(D))
+    growing = sa.StreamingAttention(sa.Retrieval(sinks=2, window=8, block=4, topk=2), sa.RoPE(D))
+    sizes, held = set(), []
+    for i in range(0, 400, 9):
+        chunk = (q[:, :, i : i + 9], k[:, :, i : i + 9], v[:, :, i : i + 9])
+        bounded(*chunk)
+        growing(*chunk)
+        if i > 100:
+            sizes.add(bounded.state.nbytes)
+        held.append(growing.cached[0])
+    assert len(sizes) == 1  # full after the first 5 blocks: never reallocated
+    assert max(bounded.cached) <= 2 + 8 + 4 + 5 * 4
+    n = 400
+    assert held[-1] == 2 + (8 + 4) + ((n - 8 - 2) // 4) * 4  # sinks + ring + every block that entered
+    assert all(len(h) == 5 for heads in blocks_held(bounded) for h in heads)
+
+
+def test_least_recently_retrieved_block_leaves_first():
+    """One kv head, topk 1: block 0 is made the most relevant forever (a huge key along the query),
+    so it is retrieved by every query and never leaves, while the others leave oldest first."""
+    pol = sa.Retrieval(sinks=0, window=2, block=2, topk=1, max_blocks=2)
+    g = torch.Generator().manual_seed(0)
+    q = torch.ones(1, 1, 30, D, dtype=torch.float64)
+    k = torch.randn(1, 1, 30, D, generator=g, dtype=torch.float64) * 0.1
+    k[0, 0, 0] = 10.0  # block 0 = tokens 0, 1
+    v = torch.randn(1, 1, 30, D, generator=g, dtype=torch.float64)
+    attn = sa.StreamingAttention(pol, sa.RoPE(D), "cache")
+    out = stream(attn, q, k, v, chunk_sizes("random", 30))
+    newest = pol.blocks_in_memory(29) - 1
+    assert blocks_held(attn)[0][0] == [0, newest]
+    assert max_err(out, reference.replay_retrieval(q, k, v, pol, rope=sa.RoPE(D))) < 1e-12
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_save_restore_mid_stream_continues_bitwise(policy, positions):
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(2, 4, 2, 90, D, torch.float32, seed=6)
+    a = sa.StreamingAttention(policy, rope, positions)
+    stream(a, q[:, :, :43], k[:, :, :43], v[:, :, :43], [11, 32])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    b = sa.StreamingAttention(policy, rope, positions)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    rest = (q[:, :, 43:], k[:, :, 43:], v[:, :, 43:])
+    assert torch.equal(stream(a, *rest, [1] * 47), stream(b, *rest, [1] * 47))
+
+
+def test_streams_join_and_leave():
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2)
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(2, 4, 2, 80, D, torch.float64, seed=8)
+    both = sa.StreamingAttention(pol, rope, "cache")
+    stream(both, q[:, :, :61], k[:, :, :61], v[:, :, :61], [61])
+    alone = sa.StreamingAttention(pol, rope, "cache")
+    stream(alone, q[1:, :, :17], k[1:, :, :17], v[1:, :, :17], [17])
+    both.select_streams([0])
+    both.add_streams(alone.state)  # stream 0 at 61 tokens (more blocks) and stream 1 at 17
+    ref0 = reference.replay_retrieval(q[:1], k[:1], v[:1], pol, rope=rope)
+    ref1 = reference.replay_retrieval(q[1:], k[1:], v[1:], pol, rope=rope)
+    out = stream_ragged(
+        both, [q[0, :, 61:], q[1, :, 17:]], [k[0, :, 61:], k[1, :, 17:]], [v[0, :, 61:], v[1, :, 17:]], [[19], [63]]
+    )
+    assert max_err(out[0], ref0[0, :, 61:]) < 1e-12
+    assert max_err(out[1], ref1[0, :, 17:]) < 1e-12
+
+
+def test_float32_streams_match_the_replay():
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4)
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(1, 6, 2, T, D, torch.float32, seed=2)
+    ref = reference.replay_retrieval(q, k, v, pol, rope=rope)
+    for spec in (1, 7, "random"):
+        out = stream(sa.StreamingAttention(pol, rope, "cache"), q, k, v, chunk_sizes(spec, T, seed=1))
+        assert max_err(out, ref) < 2e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"block": 0}, "block must be >= 1"),
+        ({"topk": 0}, "topk must be >= 1"),
+        ({"topk": 4, "max_blocks": 3}, "max_blocks must be >= 4"),
+        ({"window": 0}, "window must be >= 1"),
+        ({"sinks": -1}, "sinks must be >= 0"),
+        ({"block": 2.0}, "block must be an int"),
+    ],
+)
+def test_bad_policies(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sa.Retrieval(**kwargs)
+
+
+def test_config_round_trips_and_bad_states_are_refused_before_any_change():
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4)
+    assert sa.policy_from_config(pol.to_config()) == pol
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(1, 4, 2, 40, D, torch.float32, seed=9)
+    a = sa.StreamingAttention(pol, rope)
+    stream(a, q, k, v, [40])
+    saved = a.state_dict()
+    before = a.state.to_dict()
+    broken = {**saved["_extra_state"], "state": {**saved["_extra_state"]["state"]}}
+    broken["state"]["stamp"] = broken["state"]["stamp"][:, :, :2]
+    with pytest.raises(ValueError, match="stamp must be"):
+        a.load_state_dict({"_extra_state": broken})
+    other = sa.StreamingAttention(sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=5), rope)
+    with pytest.raises(ValueError, match="another configuration"):
+        other.load_state_dict(saved)
+    after = a.state.to_dict()
+    assert all(torch.equal(before[n], after[n]) for n in ("mem_k", "stamp", "block_id"))
