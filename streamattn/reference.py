@@ -218,7 +218,8 @@ def replay_retrieval(
     ``streamattn.policies.retrieval`` is followed step by step: at a block's entry index add it (and
     drop the least recently retrieved block if memory is over ``max_blocks``), score every block in
     memory by the sum over the kv head's query heads of ``sum_d max(q_d lo_d, q_d hi_d)``, take the
-    ``topk`` best (ties: the newer block), stamp them, and attend to sinks + their tokens + window.
+    ``topk`` best (ties: the newer block), stamp them, and attend to sinks + their tokens + window
+    (cache positions: every retrieved block at the same ``block`` ranks after the sinks).
     ``[B, Hq, T, D]`` float64. ``retrieved_out``, if given, receives ``retrieved_out[b][h][t]``: the
     blocks query ``t`` of stream ``b`` retrieved for kv head ``h``, ascending.
     """
@@ -253,14 +254,21 @@ def replay_retrieval(
                     memory[blk] = t
                 chosen.sort()
                 log.append(chosen)
-                idx = list(range(min(s, t + 1)))
-                idx += [j for blk in chosen for j in range(s + blk * size, s + (blk + 1) * size)]
-                idx += list(range(max(s, t - w + 1), t + 1))
+                sinks = list(range(min(s, t + 1)))
+                memory_idx = [j for blk in chosen for j in range(s + blk * size, s + (blk + 1) * size)]
+                window = list(range(max(s, t - w + 1), t + 1))
+                idx = sinks + memory_idx + window
                 kk, vv, qr = k[bi, h, idx], v[bi, h, idx], q[bi, heads, t : t + 1]  # [n, D], [G, 1, D]
                 if rope is not None:
-                    kpos = torch.tensor(idx) if positions == "absolute" else torch.arange(len(idx))
-                    qpos = torch.tensor([t]) if positions == "absolute" else torch.tensor([len(idx) - 1])
-                    kk, qr = _rope64(kk, kpos, rope.theta), _rope64(qr, qpos, rope.theta)
+                    if positions == "absolute":
+                        kpos, qpos = idx, [t]
+                    else:  # sinks, every retrieved block at the same `block` ranks, the window
+                        shift = len(sinks) + (size if chosen else 0)
+                        kpos = sinks + [len(sinks) + u for _ in chosen for u in range(size)]
+                        kpos += [shift + i for i in range(len(window))]
+                        qpos = [kpos[-1]]
+                    kk = _rope64(kk, torch.tensor(kpos), rope.theta)
+                    qr = _rope64(qr, torch.tensor(qpos), rope.theta)
                 wts = torch.softmax((qr @ kk.T) * scale, dim=-1)  # [G, 1, n]
                 out[bi, heads, t] = (wts @ vv)[:, 0]
             if retrieved_out is not None:

@@ -14,11 +14,12 @@ query that retrieved it). ``max_blocks=N``: ``C = N`` and an entering block take
 least recently retrieved one; ``None``: block ``b`` in slot ``b``, ``C`` doubling as the stream grows.
 
 Positions. Window keys are rotated once at ``j - base`` and the query at ``t - base`` (distance
-``t - j`` in both modes, as in the window engine). Sinks and retrieved blocks are scored with the
-query rotated per part: a sink (rotated at ``j``) against the query rotated at the query's position
-``P`` (``t``, or its rank in cache mode), a block (rotated at offsets ``u``) against the query
-rotated at ``P - start``, where ``start`` is the block's first position (its stream index, or its
-rank). The parts are merged by log-sum-exp.
+``t - j`` in both modes, as in the window engine). Sinks (rotated at ``j``) are scored against the
+query rotated at its position ``P`` (``t``, or its rank in cache mode). The store keeps keys in the
+frame the mode needs, so that one rotation of the query serves every block: absolute mode, token
+``j`` at ``j`` (query at ``t``); cache mode, token ``u`` of a block at ``u`` (query at ``n_window +
+block - 1``: every retrieved block sits at the same ``block`` positions right before the window).
+The three parts are merged by log-sum-exp.
 
 Chunks. A segment never crosses an entry index (each stream advances to its next entry at most),
 so the memory a query sees, and the stamps that decide what leaves, are those of token-by-token
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from streamattn.core.kernels import attend_with_lse, compute_dtype
+from streamattn.core.kernels import attend_lse, attend_with_lse, compute_dtype
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState
@@ -356,40 +357,25 @@ class RetrievalEngine:
             loc.k[b_idx, :, j] = sink_keys.to(loc.dtype)
             loc.v[b_idx, :, j] = v.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
 
-        # the window: ring + segment, keys at j - base
-        kidx = torch.cat((self._ring_index(seen), qpos), dim=1)  # [B, R + T]
-        see = (kidx[:, None, :] <= qpos[:, :, None]) & (kidx[:, None, :] > qpos[:, :, None] - w)
-        see &= kidx[:, None, :] >= s
-        keys = torch.cat((loc.k[:, :, s:].to(cdt), kw), dim=2)
-        values = torch.cat((loc.v[:, :, s:].to(cdt), v), dim=2)
-        outs, lses = [], []
-        o_w, l_w, _ = attend_with_lse(qw, keys, values, see[:, None], scale)
-        outs.append(o_w)
-        lses.append(l_w)
-
         # how many blocks each query retrieves, and its position
-        held = [self._held_blocks(x) for x in loc.seen]
-        kq = torch.tensor([min(self.topk, h) for h in held], device=dev)[:, None]  # [B, 1]
+        held = [self._held_blocks(x) for x in loc.seen]  # blocks in memory for this segment's queries
+        some = torch.tensor([h > 0 for h in held], device=dev)[:, None]  # [B, 1]: a query retrieves >= 1
         n_sinks = qpos.clamp(max=s - 1) + 1 if s else torch.zeros_like(qpos)  # sinks visible
         n_win = (qpos + 1 - s).clamp(min=0, max=w)
-        ppos = (n_sinks + kq * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
-
+        ppos = (n_sinks + some * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
+        parts = [self._attend_window(loc, qw, kw, v, seen, qpos, valid, scale)]
         if s:  # sinks, rotated at j, against the query at its position
             qs = self._rotate(q, ppos[:, None])
             sink_see = torch.arange(s, device=dev)[None, None, :] <= qpos[:, :, None]
             o_s, l_s, _ = attend_with_lse(
                 qs, loc.k[:, :, :s].to(cdt), loc.v[:, :, :s].to(cdt), sink_see[:, None], scale
             )
-            outs.append(o_s)
-            lses.append(l_s)
-
+            parts.append((o_s, l_s))
         if max(held) > 0:
-            o_m, l_m = self._attend_memory(st, q, qpos, ppos, n_sinks, valid, scale)
-            outs.append(o_m)
-            lses.append(l_m)
-
-        lse = torch.logsumexp(torch.stack(lses), dim=0)  # [B, Hq, T]
-        out = sum(o * torch.exp(part - lse)[..., None] for o, part in zip(outs, lses, strict=True))
+            at = (n_win + self.block - 1) if self.cache_mode else qpos  # blocks are stored at u (cache) or j
+            parts.append(self._attend_memory(st, q, self._rotate(q, at[:, None]), qpos, valid, scale))
+        lse = torch.logsumexp(torch.stack([part[1] for part in parts]), dim=0)  # [B, Hq, T]
+        out = sum(o * torch.exp(part - lse)[..., None] for o, part in parts)
 
         # commit: ring tokens (the sinks are written above)
         in_ring = valid & (qpos >= s)
@@ -401,53 +387,75 @@ class RetrievalEngine:
         loc.seen = [x + m for x, m in zip(loc.seen, n, strict=True)]
         return out.masked_fill(~valid[:, None, :, None], 0).to(dtype)
 
-    def _attend_memory(self, st, q, qpos, ppos, n_sinks, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each query's ``topk`` blocks by relevance (per kv head), attended with the query rotated per
-        block; stamps updated. Returns the output and log-sum-exp of this part, ``[B, Hq, T, *]``."""
+    def _attend_window(self, loc, qw, kw, v, seen, qpos, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window part: ring + segment (keys at ``j - base``), output and log-sum-exp ``[B, Hq, T]``."""
+        bsz, hq, t, d = qw.shape
+        hkv, s, cdt = kw.shape[1], self.sinks, qw.dtype
+        kidx = torch.cat((self._ring_index(seen), qpos), dim=1)  # [B, R + T] stream index of each key
+        see = (kidx[:, None, :] <= qpos[:, :, None]) & (kidx[:, None, :] > qpos[:, :, None] - self.window)
+        see &= kidx[:, None, :] >= s
+        keys = torch.cat((loc.k[:, :, s:].to(cdt), kw), dim=2)
+        values = torch.cat((loc.v[:, :, s:].to(cdt), v), dim=2)
+        if bool((qpos[valid] < s).any()):  # a sink query sees no window key: the explicit form takes empty rows
+            o, lse, _ = attend_with_lse(qw, keys, values, see[:, None], scale)
+            return o, lse
+        g = hq // hkv
+        see |= ~valid[:, :, None]  # padded rows see everything (dropped later): no empty row
+        bias = torch.zeros(see.shape, dtype=cdt, device=qw.device).masked_fill_(~see, float("-inf"))
+        bias = bias[:, None].expand(bsz, g, t, -1).reshape(bsz, 1, g * t, -1)  # rows (g, t), as the queries
+        o, lse = attend_lse(qw.reshape(bsz, hkv, g * t, d), keys, values, bias, scale)
+        return o.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
+
+    def _choose(self, st: MemoryState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's ``topk`` slots by relevance, per kv head: ``chosen [B, Hkv, T, K]`` and ``ok``
+        (False where fewer blocks are in memory). Relevance: ``sum_g sum_d max(q lo, q hi)`` =
+        ``(sum_g relu(q)) . hi + (sum_g min(q, 0)) . lo``, two matmuls."""
+        bsz, hq, t, d = q.shape
+        hkv, c = st.kv_heads, st.capacity
+        qg = q.view(bsz, hkv, hq // hkv, t, d)
+        hi, lo = st.hi.to(q.dtype).transpose(-1, -2), st.lo.to(q.dtype).transpose(-1, -2)
+        rel = qg.clamp(min=0).sum(2) @ hi + qg.clamp(max=0).sum(2) @ lo  # [B, Hkv, T, C]
+        rel = rel.masked_fill((st.block_id == NO_BLOCK)[:, :, None, :], float("-inf"))
+        kk = min(self.topk, c)
+        best, chosen = rel.topk(kk, dim=-1)
+        kth = best[..., -1:]
+        if bool(((rel >= kth) & torch.isfinite(kth)).sum(-1).gt(kk).any()):  # a tie at the cut: the stated rule
+            order = torch.sort(st.block_id, dim=-1, descending=True, stable=True).indices  # newer block first
+            order = order[:, :, None, :].expand(-1, -1, t, -1)
+            top = torch.sort(rel.gather(-1, order), dim=-1, descending=True, stable=True).indices[..., :kk]
+            chosen = order.gather(-1, top)
+            best = rel.gather(-1, chosen)
+        return chosen, torch.isfinite(best)
+
+    def _attend_memory(self, st, q, qm, qpos, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's ``topk`` blocks by relevance (per kv head), attended with the query ``qm``
+        rotated for the store's frame; stamps updated. The union of the blocks the segment's queries
+        chose is gathered once per kv head and each query masked to its own: output and log-sum-exp."""
         bsz, hq, t, d = q.shape
         hkv, c, size = st.kv_heads, st.capacity, self.block
-        g = hq // hkv
-        cdt = q.dtype
-        qg = q.view(bsz, hkv, g, t, d)
-        rel = qg.clamp(min=0).sum(2) @ st.hi.to(cdt).transpose(-1, -2) + qg.clamp(max=0).sum(2) @ st.lo.to(
-            cdt
-        ).transpose(-1, -2)  # [B, Hkv, T, C]: sum_g sum_d max(q lo, q hi)
-        empty = st.block_id == NO_BLOCK
-        rel = rel.masked_fill(empty[:, :, None, :], float("-inf"))
-        # best first; among equal relevance the newer block (slots ordered by block number, descending)
-        order = torch.sort(st.block_id, dim=-1, descending=True, stable=True).indices  # [B, Hkv, C]
-        ordered = rel.gather(-1, order[:, :, None, :].expand(-1, -1, t, -1))
-        kk = min(self.topk, c)
-        top = torch.sort(ordered, dim=-1, descending=True, stable=True).indices[..., :kk]
-        chosen = order[:, :, None, :].expand(-1, -1, t, -1).gather(-1, top)  # [B, Hkv, T, K] slots
-        ok = torch.isfinite(rel.gather(-1, chosen))
-        bid = st.block_id[:, :, None, :].expand(-1, -1, t, -1).gather(-1, chosen)
-        by_block = torch.sort(torch.where(ok, bid, EMPTY), dim=-1).indices  # ascending block number, empty last
-        chosen, ok, bid = chosen.gather(-1, by_block), ok.gather(-1, by_block), bid.gather(-1, by_block)
-
-        flat = ((torch.arange(bsz, device=q.device)[:, None] * hkv + torch.arange(hkv, device=q.device)) * c)[
-            :, :, None, None
-        ] + chosen  # [B, Hkv, T, K]
-        keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, t, kk, size, d)
-        values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, t, kk, size, d)
-        if self.cache_mode:  # rank r of a retrieved block (ascending) starts at n_sinks + r * block
-            rank = torch.arange(kk, device=q.device)
-            rot = ppos[:, None, :, None] - n_sinks[:, None, :, None] - rank * size
-        else:
-            rot = qpos[:, None, :, None] - (self.sinks + bid * size)
-        qr = self._rotate(qg.permute(0, 1, 3, 2, 4)[:, :, :, None], rot[..., None].expand(-1, -1, -1, -1, g))
-        scores = (qr @ keys.to(cdt).transpose(-1, -2)) * scale  # [B, Hkv, T, K, G, block]
-        scores = scores.masked_fill(~ok[..., None, None], float("-inf"))
-        scores = scores.permute(0, 1, 4, 2, 3, 5).reshape(bsz, hkv, g, t, kk * size)
-        lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, T]
-        p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
-        vals = values.to(cdt).reshape(bsz, hkv, 1, t, kk * size, d)
-        out = (p[..., None, :] @ vals)[..., 0, :]  # [B, Hkv, G, T, D]
+        g, cdt, dev = hq // hkv, q.dtype, q.device
+        chosen, ok = self._choose(st, q)
+        ok &= valid[:, None, :, None]
+        mark = torch.zeros(bsz, hkv, c, dtype=torch.int32, device=dev)
+        mark = mark.scatter_add_(-1, chosen.reshape(bsz, hkv, -1), ok.reshape(bsz, hkv, -1).int()) > 0  # [B, Hkv, C]
+        u = max(1, int(mark.sum(-1).max()))
+        union = torch.sort((~mark).to(torch.uint8), dim=-1, stable=True).indices[..., :u]  # marked slots first
+        sel = ((chosen[..., None] == union[:, :, None, None, :]) & ok[..., None]).any(dim=-2)  # [B, Hkv, T, U]
+        sel &= mark.gather(-1, union)[:, :, None, :]
+        has = sel.any(dim=-1)  # [B, Hkv, T]: rows that retrieved something
+        sel |= ~has[..., None]  # the others see everything (their part is dropped below): no empty row
+        flat = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None] + union
+        keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, u * size, d)
+        values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, u * size, d)
+        bias = torch.zeros(sel.shape, dtype=cdt, device=dev).masked_fill_(~sel, float("-inf"))
+        bias = bias[:, :, None, :, :, None].expand(bsz, hkv, g, t, u, size).reshape(bsz, hkv, g * t, u * size)
+        o, lse = attend_lse(qm.reshape(bsz, hkv, g * t, d), keys.to(cdt), values.to(cdt), bias, scale)
+        lse = lse.view(bsz, hkv, g, t).masked_fill(~has[:, :, None], float("-inf"))
 
         # stamps: the last (valid) query that retrieved each slot
-        stamp_of = torch.where(ok & valid[:, None, :, None], qpos[:, None, :, None], -1)
+        stamp_of = torch.where(ok, qpos[:, None, :, None], -1)
         st.stamp.scatter_reduce_(-1, chosen.reshape(bsz, hkv, -1), stamp_of.reshape(bsz, hkv, -1), reduce="amax")
-        return out.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
+        return o.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
 
     def _enter(self, st: MemoryState, b: int) -> None:
         """Stream ``b`` is at the entry index of its next block: move that block from the ring into
@@ -458,10 +466,11 @@ class RetrievalEngine:
         first = s + blk * size
         slots = s + (torch.arange(first, first + size, device=st.device) - s) % self.ring
         ring = loc.k[b, :, slots].to(compute_dtype(st.dtype))  # [Hkv, block, D], rotated at j - base
-        shift = first - loc.base[b]
         u = torch.arange(size, device=st.device)
-        local = self._rotate(ring, torch.full_like(u, -shift)) if self.rope is not None else ring
-        raw = self._rotate(ring, -(shift + u)) if self.rope is not None else ring
+        # to the store's frame: token u of the block at u (cache) or token j at j (absolute)
+        to_store = (loc.base[b] - first) if self.cache_mode else loc.base[b]
+        local = self._rotate(ring, torch.full_like(u, to_store))
+        raw = self._rotate(ring, loc.base[b] - first - u)  # un-rotated, for the bounds
         held = self._held_blocks(loc.seen[b] - 1)  # before this block
         max_blocks = self.policy.max_blocks
         hkv = st.kv_heads

@@ -26,9 +26,12 @@ The rule, exactly (``streamattn.reference.replay_retrieval`` implements it liter
 So a query attends to at most ``sinks + window + topk * block`` keys, however long the stream.
 
 Positions (``StreamingAttention(positions=...)``): ``"absolute"``: every key at its stream index;
-``"cache"``: at its rank among the keys the query sees, ordered by stream index (sinks, retrieved
-blocks, window; the query at the last rank), StreamingLLM's rule extended to retrieved blocks: a
-window key sits at distance ``t - j``, a retrieved block right before the window.
+``"cache"`` (StreamingLLM's rule, with InfLLM's treatment of memory): the sinks at ``0 .. s - 1``,
+then, if the query retrieved any block, *every* retrieved block at the same ``block`` positions
+``s .. s + block - 1`` (token ``u`` of a block at ``s + u``: blocks keep their inner order, not their
+order among each other), then the window, the query at the last position. A window key sits at
+distance ``t - j``, a retrieved token ``u`` at ``n_window + block - 1 - u``: positions stay below
+``sinks + block + window`` however long the stream.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
 
     spec    := "full" | "dense" | fields
     fields  := field ("," field)*          # "window" required; a repeated name: the last one wins
-    field   := ("sinks" | "window" | "budget" | "every") "=" INT | "score=" scorer
+    field   := ("sinks" | "window" | "budget" | "every" | "block" | "topk" | "max_blocks") "=" INT
+             | "score=" scorer
     scorer  := "knorm" | "tova" | "h2o" | "snapkv" [":" INT [":" INT]]     # snapkv:WINDOW:KERNEL
 
     "sinks=4,window=1020"   -> SinkWindow(sinks=4, window=1020)
@@ -13,6 +14,9 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
     "sinks=4,window=64,budget=1024,score=h2o,every=64"
                             -> Compressed(4, 64, 1024, H2O(), 64)  (budget makes it compressed;
                                score defaults to tova, every to 64)
+    "sinks=4,window=1020,block=128,topk=4[,max_blocks=N]"
+                            -> Retrieval(4, 1020, 128, 4, N)  (block makes it a retrieval memory;
+                               topk defaults to 4, max_blocks to None: every block kept)
 
 An absent ``sinks`` is 0 in every form. Two forms need a calibration profile (``streamattn
 calibrate``; ``profile=`` path or dict) and give a ``PerLayer`` policy for a whole model:
@@ -32,12 +36,17 @@ from __future__ import annotations
 from streamattn.policies.base import Policy
 from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
+from streamattn.policies.retrieval import Retrieval
 from streamattn.policies.scores import H2O, TOVA, KeyNorm, Scorer, SnapKV
 from streamattn.policies.sink_window import SinkWindow
 
-_FORMS = "'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B[,score=NAME][,every=E]' or 'full'"
+_FORMS = (
+    "'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B[,score=NAME][,every=E]', "
+    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M]' or 'full'"
+)
 _SCORERS = "knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]"
-_INTS = ("sinks", "window", "budget", "every")
+_INTS = ("sinks", "window", "budget", "every", "block", "topk", "max_blocks")
+_RETRIEVAL = ("block", "topk", "max_blocks")
 
 
 def _is_int(value: str) -> bool:
@@ -73,6 +82,9 @@ def policy_spec(policy: Policy) -> str:
         return "full"
     if isinstance(policy, SinkWindow):
         return f"sinks={policy.sinks},window={policy.window}" if policy.sinks else f"window={policy.window}"
+    if isinstance(policy, Retrieval):
+        keep = "" if policy.max_blocks is None else f",max_blocks={policy.max_blocks}"
+        return f"sinks={policy.sinks},window={policy.window},block={policy.block},topk={policy.topk}{keep}"
     if isinstance(policy, Compressed):
         return (
             f"sinks={policy.sinks},window={policy.window},budget={policy.budget},"
@@ -146,6 +158,13 @@ def parse_policy(spec: str, profile: object = None) -> Policy:
         every = fields.get("every", 64)
         layers = qfilters_policies(profile, sinks=sinks, window=fields["window"], budget=fields["budget"], every=every)
         return PerLayer(tuple(layers), label=spec.strip())
+    retrieval = [key for key in _RETRIEVAL if key in fields]
+    if retrieval:
+        if "block" not in fields or "budget" in fields or score is not None or "every" in fields:
+            raise ValueError(
+                f"bad policy {spec!r}: a retrieval policy is 'sinks=S,window=W,block=N[,topk=K][,max_blocks=M]'"
+            )
+        return Retrieval(sinks, fields["window"], fields["block"], fields.get("topk", 4), fields.get("max_blocks"))
     if "budget" in fields:
         return Compressed(sinks, fields["window"], fields["budget"], score or TOVA(), fields.get("every", 64))
     if score is not None or "every" in fields:
