@@ -199,7 +199,7 @@ class StreamingAttention(nn.Module):
                 raise ValueError(
                     f"the streams' state is on {st.device}, got inputs on {q.device}; call reset() to move"
                 )
-        return _check_lengths(lengths, b, t)
+        return check_lengths(lengths, b, t)
 
     # ------------------------------------------------------------------ save / restore
     def _config(self) -> dict[str, Any]:
@@ -256,7 +256,8 @@ def _signature(q: Any, k: Any, v: Any) -> tuple | None:
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
 
 
-def _check_lengths(lengths: Any, b: int, t: int) -> list[int]:
+def check_lengths(lengths: Any, b: int, t: int) -> list[int]:
+    """Valid tokens per stream (``lengths``, default ``T`` each) as ints, or ``TypeError``/``ValueError``."""
     if lengths is None:
         return [t] * b
     if isinstance(lengths, torch.Tensor):
