@@ -244,11 +244,12 @@ def replay_retrieval(
                     if policy.max_blocks is not None and len(memory) > policy.max_blocks:
                         del memory[min(memory, key=lambda blk: (memory[blk], blk))]
                 qq = q[bi, heads, t]  # [G, D] un-rotated
-                relevance = {}
-                for blk in memory:
-                    keys = k[bi, h, s + blk * size : s + (blk + 1) * size]  # [block, D] un-rotated
-                    lo, hi = keys.min(dim=0).values, keys.max(dim=0).values
-                    relevance[blk] = float(torch.maximum(qq * lo, qq * hi).sum())  # over the G heads and D
+                blocks = list(memory)
+                if blocks:  # bounds of each block's un-rotated keys, [n, D]
+                    keys = torch.stack([k[bi, h, s + blk * size : s + (blk + 1) * size] for blk in blocks])
+                    lo, hi = keys.min(dim=1).values[:, None], keys.max(dim=1).values[:, None]  # [n, 1, D]
+                    scores = torch.maximum(qq * lo, qq * hi).sum(dim=(1, 2))  # over the G heads and D
+                relevance = {blk: float(scores[i]) for i, blk in enumerate(blocks)}
                 chosen = sorted(memory, key=lambda blk: (-relevance[blk], -blk))[: policy.topk]
                 for blk in chosen:
                     memory[blk] = t

@@ -363,39 +363,57 @@ class RetrievalEngine:
         n_sinks = qpos.clamp(max=s - 1) + 1 if s else torch.zeros_like(qpos)  # sinks visible
         n_win = (qpos + 1 - s).clamp(min=0, max=w)
         ppos = (n_sinks + some * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
-        parts = [self._attend_window(loc, qw, kw, v, seen, qpos, valid, scale)]
-        if s:  # sinks, rotated at j, against the query at its position
-            qs = self._rotate(q, ppos[:, None])
-            sink_see = torch.arange(s, device=dev)[None, None, :] <= qpos[:, :, None]
-            o_s, l_s, _ = attend_with_lse(
-                qs, loc.k[:, :, :s].to(cdt), loc.v[:, :, :s].to(cdt), sink_see[:, None], scale
-            )
-            parts.append((o_s, l_s))
+        # the segment's tokens go into the ring first: they overwrite tokens at least ``window + block``
+        # older, which no query of the segment sees and whose block has entered memory already
+        self._write_ring(loc, kw, v, qpos, valid, n)
+        parts = [self._attend_window(loc, qw, seen + torch.tensor(n, device=dev), qpos, valid, scale)]
+        if s:  # sinks, rotated at j, against the query at its position (every query sees sink 0)
+            bsz, hq = q.shape[:2]
+            hkv = loc.kv_heads
+            qs = self._rotate(q, ppos[:, None]).reshape(bsz, hkv, hq // hkv * t, -1)
+            hidden = torch.arange(s, device=dev)[None, None, :] > qpos[:, :, None]  # [B, T, S]
+            bias = torch.zeros(hidden.shape, dtype=cdt, device=dev).masked_fill_(hidden, float("-inf"))
+            bias = bias[:, None].expand(bsz, hq // hkv, t, s).reshape(bsz, 1, -1, s)
+            o_s, l_s = attend_lse(qs, loc.k[:, :, :s].to(cdt), loc.v[:, :, :s].to(cdt), bias, scale)
+            parts.append((o_s.reshape(q.shape), l_s.reshape(bsz, hq, t)))
         if max(held) > 0:
             at = (n_win + self.block - 1) if self.cache_mode else qpos  # blocks are stored at u (cache) or j
             parts.append(self._attend_memory(st, q, self._rotate(q, at[:, None]), qpos, valid, scale))
         lse = torch.logsumexp(torch.stack([part[1] for part in parts]), dim=0)  # [B, Hq, T]
         out = sum(o * torch.exp(part - lse)[..., None] for o, part in parts)
 
-        # commit: ring tokens (the sinks are written above)
+        loc.seen = [x + m for x, m in zip(loc.seen, n, strict=True)]
+        return out.masked_fill(~valid[:, None, :, None], 0).to(dtype)
+
+    def _write_ring(self, loc: StreamState, kw, v, qpos, valid, n: list[int]) -> None:
+        """Commit the segment's valid tokens past the sinks to their ring slots."""
+        s, t = self.sinks, kw.shape[2]
+        t0 = loc.seen[0]
+        if t0 >= s and all(x == t0 for x in loc.seen) and all(m == t for m in n):  # in step, no padding
+            start = (t0 - s) % self.ring
+            first = min(t, self.ring - start)  # the rest wraps to the ring's first slot
+            for buf, x in ((loc.k, kw), (loc.v, v)):
+                buf.narrow(2, s + start, first).copy_(x.narrow(2, 0, first))
+                if first < t:
+                    buf.narrow(2, s, t - first).copy_(x.narrow(2, first, t - first))
+            return
         in_ring = valid & (qpos >= s)
         if bool(in_ring.any()):
             b_idx, i_idx = in_ring.nonzero(as_tuple=True)
             slot = s + (qpos[b_idx, i_idx] - s) % self.ring
             loc.k[b_idx, :, slot] = kw.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
             loc.v[b_idx, :, slot] = v.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
-        loc.seen = [x + m for x, m in zip(loc.seen, n, strict=True)]
-        return out.masked_fill(~valid[:, None, :, None], 0).to(dtype)
 
-    def _attend_window(self, loc, qw, kw, v, seen, qpos, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window part: ring + segment (keys at ``j - base``), output and log-sum-exp ``[B, Hq, T]``."""
+    def _attend_window(self, loc, qw, seen_after, qpos, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window part, over the ring in place (the segment written): output and log-sum-exp ``[B, Hq, T]``."""
         bsz, hq, t, d = qw.shape
-        hkv, s, cdt = kw.shape[1], self.sinks, qw.dtype
-        kidx = torch.cat((self._ring_index(seen), qpos), dim=1)  # [B, R + T] stream index of each key
+        hkv, s, cdt = loc.kv_heads, self.sinks, qw.dtype
+        kidx = self._ring_index(seen_after)  # [B, R] stream index of each ring slot
         see = (kidx[:, None, :] <= qpos[:, :, None]) & (kidx[:, None, :] > qpos[:, :, None] - self.window)
         see &= kidx[:, None, :] >= s
-        keys = torch.cat((loc.k[:, :, s:].to(cdt), kw), dim=2)
-        values = torch.cat((loc.v[:, :, s:].to(cdt), v), dim=2)
+        keys, values = loc.k[:, :, s:], loc.v[:, :, s:]
+        if keys.dtype != cdt:
+            keys, values = keys.to(cdt), values.to(cdt)
         if bool((qpos[valid] < s).any()):  # a sink query sees no window key: the explicit form takes empty rows
             o, lse, _ = attend_with_lse(qw, keys, values, see[:, None], scale)
             return o, lse
