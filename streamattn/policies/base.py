@@ -7,9 +7,9 @@ family realises it (``streamattn.core.registry`` maps policy types to engines):
   The same rule is the training mask (``streamattn.masks``) and the reference's literal rule.
   ``SinkWindow`` and ``Full`` are index rules whose visible set is "first ``sinks`` + last
   ``window``" (``WindowPolicy``): the sinks + window engine realises them in fixed buffers.
-- planned kinds, each with its own engine and a literal fp64 replay in ``streamattn.reference``:
-  ``"eviction"`` (score-based KV eviction to a budget: H2O, TOVA, SnapKV, ...), ``"memory"``
-  (retrieval of evicted blocks, compressive memories), ``"encoder"`` (chunked encoders with left
+- ``"eviction"`` (``Compressed``: score-based eviction to a budget), ``"memory"`` (``Retrieval``:
+  retrieval of evicted blocks), ``"per_head"`` (``PerHead``): each with its own engine and a literal
+  fp64 replay in ``streamattn.reference``; planned: ``"encoder"`` (chunked encoders with left
   context and lookahead).
 """
 
