@@ -32,7 +32,7 @@ from streamattn.core.kernels import (
 )
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
-from streamattn.core.state import EMPTY, StateSpec, StreamState
+from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
 from streamattn.policies import Compressed
 
 
@@ -106,35 +106,11 @@ class BudgetEngine:
     ) -> torch.Tensor:
         """Stream ``counts[b]`` tokens of each stream (right-padded to T), each stream in blocks that
         end at its eviction points."""
-        bsz, hq, t, d = q.shape
+        t = q.shape[2]
         if t == 1 and min(counts) == 1 and all(n == st.seen[0] for n in st.seen):
             return self._decode(st, q, k, v)
-        out = q.new_zeros(bsz, hq, t, d)
-        done = [0] * bsz
-        while True:
-            n = [
-                max(0, min(c - o, self.every - s % self.every, self.block_size))
-                for c, o, s in zip(counts, done, st.seen, strict=True)
-            ]
-            width = max(n)
-            if width == 0:
-                return out
-            if all(o == done[0] for o in done):  # every stream at the same offset: plain slices
-                o = done[0]
-                out[:, :, o : o + width] = self._block(
-                    st, q[:, :, o : o + width], k[:, :, o : o + width], v[:, :, o : o + width], n
-                )
-            else:
-                parts = []
-                for x in (q, k, v):
-                    part = x.new_zeros(bsz, x.shape[1], width, d)
-                    for b, (o, m) in enumerate(zip(done, n, strict=True)):
-                        part[b, :, :m] = x[b, :, o : o + m]
-                    parts.append(part)
-                res = self._block(st, *parts, n)
-                for b, (o, m) in enumerate(zip(done, n, strict=True)):
-                    out[b, :, o : o + m] = res[b, :, :m]
-            done = [o + m for o, m in zip(done, n, strict=True)]
+        limit = lambda seen: min(self.every - seen % self.every, self.block_size)  # noqa: E731
+        return in_segments(st, q, k, v, counts, limit, self._block)
 
     def _decode(self, st: StreamState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token of streams that are all at the same index (B = 1, or a batch in lockstep): the

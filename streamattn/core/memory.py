@@ -37,7 +37,7 @@ import torch
 from streamattn.core.kernels import attend_lse, attend_with_lse, compute_dtype
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
-from streamattn.core.state import EMPTY, StateSpec, StreamState
+from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
 from streamattn.policies import Retrieval
 
 NO_BLOCK = -1  # block number of an empty store slot
@@ -295,33 +295,8 @@ class RetrievalEngine:
     ) -> torch.Tensor:
         """Stream ``counts[b]`` tokens of each stream (right-padded to T), in segments that end
         before each stream's next entry index."""
-        bsz, _, _, d = q.shape
-        out = q.new_zeros(q.shape)
-        done = [0] * bsz
-        while True:
-            n = [
-                max(0, min(c - o, self._to_next_entry(s), self.block_size))
-                for c, o, s in zip(counts, done, st.seen, strict=True)
-            ]
-            width = max(n)
-            if width == 0:
-                return out
-            if all(o == done[0] for o in done):
-                o = done[0]
-                out[:, :, o : o + width] = self._segment(
-                    st, q[:, :, o : o + width], k[:, :, o : o + width], v[:, :, o : o + width], n
-                )
-            else:
-                parts = []
-                for x in (q, k, v):
-                    part = x.new_zeros(bsz, x.shape[1], width, d)
-                    for b, (o, m) in enumerate(zip(done, n, strict=True)):
-                        part[b, :, :m] = x[b, :, o : o + m]
-                    parts.append(part)
-                res = self._segment(st, *parts, n)
-                for b, (o, m) in enumerate(zip(done, n, strict=True)):
-                    out[b, :, o : o + m] = res[b, :, :m]
-            done = [o + m for o, m in zip(done, n, strict=True)]
+        limit = lambda seen: min(self._to_next_entry(seen), self.block_size)  # noqa: E731
+        return in_segments(st, q, k, v, counts, limit, self._segment)
 
     def _segment(
         self, st: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]

@@ -285,6 +285,40 @@ class StreamState:
         return replace(state, **{name: None if t is None else t.clone() for name, t in fields.items()})
 
 
+def in_segments(
+    st: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int], limit, run
+) -> torch.Tensor:
+    """Stream ``counts[b]`` tokens of each stream (right-padded to T) through ``run(st, q, k, v, n)``
+    in segments: each stream advances by at most ``limit(st.seen[b])`` tokens per segment (engines
+    whose decisions happen at fixed stream indices end segments there). Streams at the same offset
+    take plain slices; ragged ones are gathered into one right-padded segment. ``run`` advances
+    ``st.seen``."""
+    bsz, _, _, d = q.shape
+    out = q.new_zeros(q.shape)
+    done = [0] * bsz
+    while True:
+        n = [max(0, min(c - o, limit(s))) for c, o, s in zip(counts, done, st.seen, strict=True)]
+        width = max(n)
+        if width == 0:
+            return out
+        if all(o == done[0] for o in done):
+            o = done[0]
+            out[:, :, o : o + width] = run(
+                st, q[:, :, o : o + width], k[:, :, o : o + width], v[:, :, o : o + width], n
+            )
+        else:
+            parts = []
+            for x in (q, k, v):
+                part = x.new_zeros(bsz, x.shape[1], width, d)
+                for b, (o, m) in enumerate(zip(done, n, strict=True)):
+                    part[b, :, :m] = x[b, :, o : o + m]
+                parts.append(part)
+            res = run(st, *parts, n)
+            for b, (o, m) in enumerate(zip(done, n, strict=True)):
+                out[b, :, o : o + m] = res[b, :, :m]
+        done = [o + m for o, m in zip(done, n, strict=True)]
+
+
 def _widened_copy(st: StreamState, n: int) -> StreamState:
     """``st`` with ``n >= st.slots`` slots (new slots empty)."""
 
