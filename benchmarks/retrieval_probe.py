@@ -6,10 +6,13 @@ every layer's memory is read back and each memory block is scored, per kv head, 
 relevance rules. For each rule the table gives, per layer, how many of its kv heads rank the block
 holding the needle's answer word within their ``topk`` (the block the query must retrieve):
 
-- ``quest``: the shipped rule, Quest's bound ``sum_g sum_d max(q lo, q hi)`` on un-rotated keys;
+- ``quest``: Quest's bound ``sum_g sum_d max(q lo, q hi)`` on un-rotated keys (distance 0: the first rule tried);
 - ``centroid``: ``sum_g q . mean(k)`` (a block's mean key);
 - ``max-key``: ``max_j sum_g q . k_j`` (the best single key, un-rotated: what ``quest`` bounds);
-- ``attention``: the full-attention mass of the block (softmax over every stored key at distance 0).
+- ``attention``: the full-attention mass of the block (softmax over every stored key at distance 0);
+- ``quest@pos`` (the shipped rule, cache positions), ``attention@pos``: the same two with the query
+  rotated as in cache mode, i.e. at the positions the retrieved block is attended at (its token ``u``
+  at distance ``window + block - 1 - u``): bounds of the store's keys (rotated at ``u``).
 
     python -m benchmarks.retrieval_probe [--distances 4K,16K] [--trials 4] [--block 128 --topk 4]
 """
@@ -28,16 +31,18 @@ from streamattn.eval import read_text
 from streamattn.eval.recall import RecallConfig, context_ids, encode_trial, make_trials, parse_distances
 from streamattn.hf import Stream, load_model
 
-RULES = ("quest", "centroid", "max-key", "attention")
+RULES = ("quest", "centroid", "max-key", "attention", "quest@pos", "attention@pos")
 
 
 def scores(engine: RetrievalEngine, st, q: torch.Tensor) -> dict[str, torch.Tensor]:
     """Relevance of every block slot under each rule: ``{rule: [Hkv, C]}`` for one query ``q [Hq, D]``."""
     hkv, c, size, d = st.kv_heads, st.capacity, engine.block, st.head_dim
     qg = q.double().view(hkv, -1, d)  # [Hkv, G, D]
-    keys = st.mem_k[0].double()  # [Hkv, C, block, D], token u rotated at u (cache mode)
-    if engine.rope is not None:
-        keys = engine.rope.rotate(keys, -torch.arange(size))  # un-rotated
+    stored = st.mem_k[0].double()  # [Hkv, C, block, D], token u rotated at u (cache mode)
+    keys = stored if engine.rope is None else engine.rope.rotate(stored, -torch.arange(size))  # un-rotated
+    qr = qg if engine.rope is None else engine.rope.rotate(qg, torch.tensor(engine.window + size - 1))
+    at_pos = torch.einsum("hgd,hcud->hcgu", qr, stored)
+    slo, shi = stored.min(dim=2).values, stored.max(dim=2).values  # [Hkv, C, D]
     lo, hi = st.lo[0].double(), st.hi[0].double()
     dots = torch.einsum("hgd,hcud->hcgu", qg, keys)  # [Hkv, C, G, block]
     out = {
@@ -45,6 +50,8 @@ def scores(engine: RetrievalEngine, st, q: torch.Tensor) -> dict[str, torch.Tens
         "centroid": dots.mean(dim=3).sum(dim=2),
         "max-key": dots.sum(dim=2).max(dim=2).values,
         "attention": torch.softmax(dots.flatten(1) * d**-0.5, dim=-1).view(hkv, c, -1).sum(dim=-1),
+        "quest@pos": torch.maximum(qr[:, None] * slo[:, :, None], qr[:, None] * shi[:, :, None]).sum(dim=(2, 3)),
+        "attention@pos": torch.softmax(at_pos.flatten(1) * d**-0.5, dim=-1).view(hkv, c, -1).sum(dim=-1),
     }
     empty = st.block_id[0] == NO_BLOCK
     return {rule: s.masked_fill(empty, float("-inf")) for rule, s in out.items()}

@@ -217,7 +217,8 @@ def replay_retrieval(
     Each kv head keeps a dict ``block -> stamp`` of the blocks in its memory; the rule of
     ``streamattn.policies.retrieval`` is followed step by step: at a block's entry index add it (and
     drop the least recently retrieved block if memory is over ``max_blocks``), score every block in
-    memory by the sum over the kv head's query heads of ``sum_d max(q_d lo_d, q_d hi_d)``, take the
+    memory by the sum over the kv head's query heads of ``sum_d max(q_d lo_d, q_d hi_d)`` (query and
+    keys rotated at the positions where the query would attend the block), take the
     ``topk`` best (ties: the newer block), stamp them, and attend to sinks + their tokens + window
     (cache positions: every retrieved block at the same ``block`` ranks after the sinks).
     ``[B, Hq, T, D]`` float64. ``retrieved_out``, if given, receives ``retrieved_out[b][h][t]``: the
@@ -243,10 +244,21 @@ def replay_retrieval(
                     memory[entered - 1] = t
                     if policy.max_blocks is not None and len(memory) > policy.max_blocks:
                         del memory[min(memory, key=lambda blk: (memory[blk], blk))]
-                qq = q[bi, heads, t]  # [G, D] un-rotated
+                qq = q[bi, heads, t]  # [G, D]
                 blocks = list(memory)
-                if blocks:  # bounds of each block's un-rotated keys, [n, D]
+                if blocks:  # keys rotated where the query attends them (cache: every block at the same offsets)
                     keys = torch.stack([k[bi, h, s + blk * size : s + (blk + 1) * size] for blk in blocks])
+                    if rope is not None and positions == "absolute":
+                        keys = torch.stack(
+                            [
+                                _rope64(kb, torch.arange(s + blk * size, s + (blk + 1) * size), rope.theta)
+                                for kb, blk in zip(keys, blocks, strict=True)
+                            ]
+                        )
+                        qq = _rope64(qq[:, None], torch.tensor([t]), rope.theta)[:, 0]
+                    elif rope is not None:  # token u at distance (window + block - 1 - u): u vs w + block - 1
+                        keys = _rope64(keys, torch.arange(size), rope.theta)
+                        qq = _rope64(qq[:, None], torch.tensor([w + size - 1]), rope.theta)[:, 0]
                     lo, hi = keys.min(dim=1).values[:, None], keys.max(dim=1).values[:, None]  # [n, 1, D]
                     scores = torch.maximum(qq * lo, qq * hi).sum(dim=(1, 2))  # over the G heads and D
                 relevance = {blk: float(scores[i]) for i, blk in enumerate(blocks)}

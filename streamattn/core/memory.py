@@ -9,7 +9,7 @@ earlier): a block moves into the store with one copy, at its entry index.
 
 The store (``MemoryState``): per stream and kv head, ``C`` block slots, each with its keys in the
 block's own frame (token ``u`` of the block rotated at ``u``), values, the bounds (elementwise
-min / max of the un-rotated keys) that relevance reads, the block's number and its stamp (the last
+min / max of the keys in the store's frame) that relevance reads, the block's number and its stamp (the last
 query that retrieved it). ``max_blocks=N``: ``C = N`` and an entering block takes the slot of the
 least recently retrieved one; ``None``: block ``b`` in slot ``b``, ``C`` doubling as the stream grows.
 
@@ -50,7 +50,7 @@ class MemoryState:
 
     - ``local``: sinks + ring (``StreamState``; ``seen``/``base`` are the streams' counters).
     - ``mem_k``, ``mem_v``: ``[B, Hkv, C, block, D]`` blocks in memory (keys in the block's frame).
-    - ``lo``, ``hi``: ``[B, Hkv, C, D]`` elementwise min / max of each block's un-rotated keys.
+    - ``lo``, ``hi``: ``[B, Hkv, C, D]`` elementwise min / max of each block's keys (as stored).
     - ``block_id``: ``[B, Hkv, C]`` int64 block number held by each slot (``NO_BLOCK``: empty).
     - ``stamp``: ``[B, Hkv, C]`` int64 the last query that retrieved the block (or its entry index).
     """
@@ -401,7 +401,8 @@ class RetrievalEngine:
 
     def _choose(self, st: MemoryState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query's ``topk`` slots by relevance, per kv head: ``chosen [B, Hkv, T, K]`` and ``ok``
-        (False where fewer blocks are in memory). Relevance: ``sum_g sum_d max(q lo, q hi)`` =
+        (False where fewer blocks are in memory). ``q``: rotated for the store's frame, where the
+        bounds were taken. Relevance: ``sum_g sum_d max(q lo, q hi)`` =
         ``(sum_g relu(q)) . hi + (sum_g min(q, 0)) . lo``, two matmuls."""
         bsz, hq, t, d = q.shape
         hkv, c = st.kv_heads, st.capacity
@@ -427,7 +428,7 @@ class RetrievalEngine:
         bsz, hq, t, d = q.shape
         hkv, c, size = st.kv_heads, st.capacity, self.block
         g, cdt, dev = hq // hkv, q.dtype, q.device
-        chosen, ok = self._choose(st, q)
+        chosen, ok = self._choose(st, qm)
         ok &= valid[:, None, :, None]
         mark = torch.zeros(bsz, hkv, c, dtype=torch.int32, device=dev)
         mark = mark.scatter_add_(-1, chosen.reshape(bsz, hkv, -1), ok.reshape(bsz, hkv, -1).int()) > 0  # [B, Hkv, C]
@@ -463,7 +464,6 @@ class RetrievalEngine:
         # to the store's frame: token u of the block at u (cache) or token j at j (absolute)
         to_store = (loc.base[b] - first) if self.cache_mode else loc.base[b]
         local = self._rotate(ring, torch.full_like(u, to_store))
-        raw = self._rotate(ring, loc.base[b] - first - u)  # un-rotated, for the bounds
         held = self._held_blocks(loc.seen[b] - 1)  # before this block
         max_blocks = self.policy.max_blocks
         hkv = st.kv_heads
@@ -480,8 +480,8 @@ class RetrievalEngine:
         heads = torch.arange(hkv, device=st.device)
         st.mem_k[b, heads, slot] = local.to(st.dtype)
         st.mem_v[b, heads, slot] = loc.v[b, :, slots]
-        st.lo[b, heads, slot] = raw.min(dim=1).values.to(st.dtype)
-        st.hi[b, heads, slot] = raw.max(dim=1).values.to(st.dtype)
+        st.lo[b, heads, slot] = local.min(dim=1).values.to(st.dtype)
+        st.hi[b, heads, slot] = local.max(dim=1).values.to(st.dtype)
         st.block_id[b, heads, slot] = blk
         st.stamp[b, heads, slot] = loc.seen[b]
 

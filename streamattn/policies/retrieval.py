@@ -12,9 +12,11 @@ The rule, exactly (``streamattn.reference.replay_retrieval`` implements it liter
    window``: a fixed stream index (whatever the chunking). Tokens that left the window before their
    block entered are seen by no query until it does (at most ``block - 1`` of them).
 3. **Retrieval, per query and kv head.** Each memory block has two *bounds* per kv head, the
-   elementwise min and max of its un-rotated keys; its relevance to query ``t`` is Quest's upper
-   bound on the score at distance 0, summed over the query heads ``g`` of the kv head:
-   ``sum_g sum_d max(q_gd * lo_d, q_gd * hi_d)`` (un-rotated ``q``). Query ``t`` attends, besides
+   elementwise min and max of its keys rotated where queries attend them (below: at their stream
+   index, or in cache mode token ``u`` of every block at the same offset); its relevance to query
+   ``t`` is Quest's upper bound on the scores the query would give the block's keys there, summed
+   over the query heads ``g`` of the kv head: ``sum_g sum_d max(q_gd * lo_d, q_gd * hi_d)`` (``q``
+   rotated at its own position in the same frame). Query ``t`` attends, besides
    its local keys, to every key of the ``topk`` most relevant blocks in memory (higher relevance
    first, among equal relevance the newer block), all of them if fewer are in memory.
 4. **Bounded memory** (``max_blocks=N``): a kv head keeps at most ``N`` blocks. When a block enters
