@@ -227,3 +227,25 @@ def test_config_round_trips_and_bad_states_are_refused_before_any_change():
         other.load_state_dict(saved)
     after = a.state.to_dict()
     assert all(torch.equal(before[n], after[n]) for n in ("mem_k", "stamp", "block_id"))
+
+
+@pytest.mark.parametrize("union", [0, 1000], ids=["gathered", "union"])
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_both_memory_paths_equal_the_replay(monkeypatch, union, positions):
+    """The memory part attends either the union of the blocks a segment chose (masked per query) or
+    each query's own blocks (gathered); which one runs depends on how much the queries agree, so
+    each is forced here."""
+    import streamattn.core.memory as memory
+
+    monkeypatch.setattr(memory, "_UNION", union)
+    calls = []
+    for name in ("_attend_union", "_attend_gathered"):
+        real = getattr(memory.RetrievalEngine, name)
+        monkeypatch.setattr(
+            memory.RetrievalEngine, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw)
+        )
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4)
+    q, k, v = make_qkv(2, 6, 2, 80, D, torch.float64, seed=11)
+    out = stream(sa.StreamingAttention(pol, sa.RoPE(D), positions), q, k, v, chunk_sizes("random", 80, seed=3))
+    assert max_err(out, reference.replay_retrieval(q, k, v, pol, rope=sa.RoPE(D), positions=positions)) < 1e-12
+    assert set(calls) == {"_attend_gathered" if union == 0 else "_attend_union"}

@@ -41,6 +41,7 @@ from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
 from streamattn.policies import Retrieval
 
 NO_BLOCK = -1  # block number of an empty store slot
+_UNION = 2  # attend the union of the chosen blocks while it is at most this many times topk, else gather per query
 _STORE = ("mem_k", "mem_v", "lo", "hi", "block_id", "stamp")
 
 
@@ -425,31 +426,61 @@ class RetrievalEngine:
         """Each query's ``topk`` blocks by relevance (per kv head), attended with the query ``qm``
         rotated for the store's frame; stamps updated. The union of the blocks the segment's queries
         chose is gathered once per kv head and each query masked to its own: output and log-sum-exp."""
-        bsz, hq, t, d = q.shape
-        hkv, c, size = st.kv_heads, st.capacity, self.block
-        g, cdt, dev = hq // hkv, q.dtype, q.device
+        bsz, hkv, c, dev = q.shape[0], st.kv_heads, st.capacity, q.device
         chosen, ok = self._choose(st, qm)
         ok &= valid[:, None, :, None]
         mark = torch.zeros(bsz, hkv, c, dtype=torch.int32, device=dev)
         mark = mark.scatter_add_(-1, chosen.reshape(bsz, hkv, -1), ok.reshape(bsz, hkv, -1).int()) > 0  # [B, Hkv, C]
         u = max(1, int(mark.sum(-1).max()))
+        base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
+        if u > _UNION * chosen.shape[-1]:  # the queries disagree: gather each query's own blocks
+            o, lse = self._attend_gathered(st, qm, base[..., None] + chosen, ok, scale)
+        else:
+            o, lse = self._attend_union(st, qm, base, chosen, ok, mark, u, scale)
+
+        # stamps: the last (valid) query that retrieved each slot
+        stamp_of = torch.where(ok, qpos[:, None, :, None], -1)
+        st.stamp.scatter_reduce_(-1, chosen.reshape(bsz, hkv, -1), stamp_of.reshape(bsz, hkv, -1), reduce="amax")
+        return o, lse
+
+    def _attend_union(self, st, qm, base, chosen, ok, mark, u, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of the ``u`` blocks the queries chose, gathered once per kv head; each query
+        masked to its own (one fused call). Output ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]``."""
+        bsz, hq, t, d = qm.shape
+        hkv, size = st.kv_heads, self.block
+        g, cdt, dev = hq // hkv, qm.dtype, qm.device
         union = torch.sort((~mark).to(torch.uint8), dim=-1, stable=True).indices[..., :u]  # marked slots first
         sel = ((chosen[..., None] == union[:, :, None, None, :]) & ok[..., None]).any(dim=-2)  # [B, Hkv, T, U]
         sel &= mark.gather(-1, union)[:, :, None, :]
         has = sel.any(dim=-1)  # [B, Hkv, T]: rows that retrieved something
         sel |= ~has[..., None]  # the others see everything (their part is dropped below): no empty row
-        flat = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None] + union
+        flat = base + union
         keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, u * size, d)
         values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, u * size, d)
         bias = torch.zeros(sel.shape, dtype=cdt, device=dev).masked_fill_(~sel, float("-inf"))
         bias = bias[:, :, None, :, :, None].expand(bsz, hkv, g, t, u, size).reshape(bsz, hkv, g * t, u * size)
         o, lse = attend_lse(qm.reshape(bsz, hkv, g * t, d), keys.to(cdt), values.to(cdt), bias, scale)
         lse = lse.view(bsz, hkv, g, t).masked_fill(~has[:, :, None], float("-inf"))
-
-        # stamps: the last (valid) query that retrieved each slot
-        stamp_of = torch.where(ok, qpos[:, None, :, None], -1)
-        st.stamp.scatter_reduce_(-1, chosen.reshape(bsz, hkv, -1), stamp_of.reshape(bsz, hkv, -1), reduce="amax")
         return o.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
+
+    def _attend_gathered(self, st, qm, flat, ok, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query against its own ``K`` blocks (``flat [B, Hkv, T, K]``: rows of the flattened
+        store), batched over (stream, kv head, query): ``K * block`` keys per query whatever the store."""
+        bsz, hq, t, d = qm.shape
+        hkv, size, kk = st.kv_heads, self.block, flat.shape[-1]
+        g, cdt = hq // hkv, qm.dtype
+        n = bsz * hkv * t
+        keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(n, kk * size, d).to(cdt)
+        values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(n, kk * size, d).to(cdt)
+        rows = qm.view(bsz, hkv, g, t, d).transpose(2, 3).reshape(n, g, d)
+        scores = torch.bmm(rows, keys.transpose(1, 2)) * scale  # [N, G, K * block]
+        hidden = ~ok.reshape(n, kk, 1).expand(n, kk, size).reshape(n, 1, kk * size)
+        scores = scores.masked_fill(hidden, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [N, G]; -inf where the query retrieved nothing
+        p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+        o = torch.bmm(p, values)  # [N, G, D]
+        o = o.view(bsz, hkv, t, g, d).transpose(2, 3).reshape(bsz, hq, t, d)
+        return o, lse.view(bsz, hkv, t, g).transpose(2, 3).reshape(bsz, hq, t)
 
     def _enter(self, st: MemoryState, b: int) -> None:
         """Stream ``b`` is at the entry index of its next block: move that block from the ring into
