@@ -12,6 +12,7 @@ import streamattn as sa
 from streamattn import reference
 from streamattn.core import EMPTY, attend, attend_with_lse, engine_for, register_engine
 from streamattn.core.budget import BudgetEngine
+from streamattn.core.memory import RetrievalEngine
 from streamattn.core.per_head import PerHeadEngine
 from tests.conftest import HEADS, POLICIES, POSITIONS, TOL, make_qkv, max_err
 
@@ -23,12 +24,15 @@ def test_registry_picks_the_engine_by_policy_type_and_names_the_known_ones():
     assert engine_for(sa.Full()) is sa.core.SinkWindowEngine
     assert engine_for(sa.Compressed()) is BudgetEngine
     assert engine_for(sa.PerHead((sa.Full(),))) is PerHeadEngine
+    assert engine_for(sa.Retrieval()) is RetrievalEngine
 
     @dataclasses.dataclass(frozen=True)
     class Unknown:
         kind = "index"
 
-    with pytest.raises(TypeError, match=r"no engine realises policy .*Compressed, Full, PerHead, SinkWindow"):
+    with pytest.raises(
+        TypeError, match=r"no engine realises policy .*Compressed, Full, PerHead, Retrieval, SinkWindow"
+    ):
         sa.StreamingAttention(Unknown())
     with pytest.raises(ValueError, match="already has the engine"):
         register_engine(sa.SinkWindow)(type("Other", (), {}))
