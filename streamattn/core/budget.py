@@ -27,6 +27,7 @@ from streamattn.core.kernels import (
     attend_accumulate,
     attend_grouped_weights,
     compute_dtype,
+    rebase_keys,
     take_rows,
     write_slots,
 )
@@ -249,15 +250,7 @@ class BudgetEngine:
         """Absolute mode: move the frame origin of streams whose positions would exceed ``rebase_every``."""
         if self.rope is None or self.cache_mode:
             return
-        for b, (seen, base) in enumerate(zip(st.seen, st.base, strict=True)):
-            delta = seen - base
-            if delta + t <= self.rebase_every or delta == 0:
-                continue
-            cdt = compute_dtype(st.dtype)
-            back = self.rope.rotation_matrices(torch.tensor(-delta, device=st.device), cdt)
-            c = self.policy.held(seen)
-            st.k[b, :, :c] = torch.matmul(st.k[b, :, :c].to(cdt), back).to(st.dtype)
-            st.base[b] = seen
+        rebase_keys(st, self.rope, self.rebase_every, t, lambda b: st.k[b, :, : self.policy.held(st.seen[b])])
 
     def _evict(self, st: StreamState, rows: list[int], counts: list[int]) -> None:
         """Streams ``rows`` hold ``counts`` keys per head: keep ``budget`` per head, compacted in stream order."""

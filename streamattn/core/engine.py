@@ -19,7 +19,17 @@ import functools
 
 import torch
 
-from streamattn.core.kernels import add_keys, attend, attend_lse, compute_dtype, merge_lse, rope_at_write, write_slots
+from streamattn.core.kernels import (
+    add_keys,
+    attend,
+    attend_lse,
+    compute_dtype,
+    merge_lse,
+    rebase_keys,
+    rope_at_write,
+    write_slots,
+    write_wrapped,
+)
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState
@@ -225,15 +235,7 @@ class SinkWindowEngine:
         """Move the frame origin of streams whose positions would exceed ``rebase_every``."""
         if self.rope is None:
             return
-        for b, (seen, base) in enumerate(zip(st.seen, st.base, strict=True)):
-            delta = seen - base
-            if delta + t <= self.rebase_every or delta == 0:
-                continue
-            cdt = compute_dtype(st.dtype)
-            back = self.rope.rotation_matrices(torch.tensor(-delta, device=st.device), cdt)
-            ring = st.k[b, :, self.sinks :]
-            ring.copy_(torch.matmul(ring.to(cdt), back))
-            st.base[b] = st.seen[b]
+        for b in rebase_keys(st, self.rope, self.rebase_every, t, lambda b: st.k[b, :, self.sinks :]):
             if st.sink_k is not None:
                 self._refresh_display(st, b)
 
@@ -483,12 +485,9 @@ class SinkWindowEngine:
         s, t0 = self.sinks, st.seen[0]
         t = k.shape[2]
         if t0 >= s and all(x == t0 for x in st.seen) and all(c == t for c in n):  # in step, no sink, no padding
-            start = self._slot(t0)
-            first = t if self.window is None else min(t, s + self.window - start)  # the rest wraps to slot s
+            end = st.k.shape[2] if self.window is None else s + self.window  # the ring wraps to slot s
             for buf, x in ((st.k, k), (st.v, v)):
-                buf.narrow(2, start, first).copy_(x.narrow(2, 0, first))
-                if first < t:
-                    buf.narrow(2, s, t - first).copy_(x.narrow(2, first, t - first))
+                write_wrapped(buf, x, self._slot(t0), s, end)
             st.seen = [x + t for x in st.seen]
             return
         ring = qpos - s if self.window is None else torch.remainder(qpos - s, self.window)

@@ -33,6 +33,34 @@ def write_slots(buffer: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, x
     buffer[rows, :, slots] = x.to(buffer.dtype)
 
 
+def write_wrapped(buffer: torch.Tensor, x: torch.Tensor, start: int, lo: int, hi: int) -> None:
+    """``x [B, H, T, ...]`` into ``buffer``'s slots (dim 2) from ``start`` on, wrapping from ``hi``
+    back to ``lo``: a ring of slots ``[lo, hi)``, ``T <= hi - lo``. Two narrow copies at most."""
+    t = x.shape[2]
+    first = min(t, hi - start)
+    buffer.narrow(2, start, first).copy_(x.narrow(2, 0, first))
+    if first < t:
+        buffer.narrow(2, lo, t - first).copy_(x.narrow(2, first, t - first))
+
+
+def rebase_keys(st, rope: RoPE, rebase_every: int, t: int, keys) -> list[int]:
+    """Move the RoPE frame origin (``st.base``) of streams whose positions would exceed
+    ``rebase_every`` after ``t`` more tokens to their current index, re-rotating their keys
+    ``keys(b)`` (a view of ``st.k``) once by ``-(seen - base)``. Returns the rows rebased."""
+    rebased = []
+    for b, (seen, base) in enumerate(zip(st.seen, st.base, strict=True)):
+        delta = seen - base
+        if delta + t <= rebase_every or delta == 0:
+            continue
+        cdt = compute_dtype(st.dtype)
+        back = rope.rotation_matrices(torch.tensor(-delta, device=st.device), cdt)
+        view = keys(b)
+        view.copy_(torch.matmul(view.to(cdt), back))
+        st.base[b] = seen
+        rebased.append(b)
+    return rebased
+
+
 def take_rows(buffer: torch.Tensor, rows: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     """``out[e, h, i] = buffer[rows[e], h, keep[e, h, i]]`` for ``buffer [B, H, N, *]`` and ``keep
     [E, H, K]`` (``rows=None``: every row, ``E = B``). One ``index_select`` of whole slots from the

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from streamattn.core.kernels import attend_lse, attend_with_lse, compute_dtype
+from streamattn.core.kernels import attend_lse, attend_with_lse, compute_dtype, rebase_keys, write_wrapped
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
@@ -322,7 +322,11 @@ class RetrievalEngine:
             pad = ~valid[:, None, :, None]
             q, k_raw, v = q.masked_fill(pad, 0), k_raw.masked_fill(pad, 0), v.masked_fill(pad, 0)
         base = torch.tensor(loc.base, device=dev)[:, None]
-        qw, kw = self._rotate(q, (qpos - base)[:, None]), self._rotate(k_raw, (qpos - base)[:, None])
+        if self.rope is None:
+            qw, kw = q, k_raw
+        else:  # one cos/sin for both
+            cos, sin = self.rope.cos_sin((qpos - base)[:, None], cdt)
+            qw, kw = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
 
         # sinks of this segment are written first (a query sees the sinks up to itself)
         is_sink = valid & (qpos < s)
@@ -366,12 +370,8 @@ class RetrievalEngine:
         s, t = self.sinks, kw.shape[2]
         t0 = loc.seen[0]
         if t0 >= s and all(x == t0 for x in loc.seen) and all(m == t for m in n):  # in step, no padding
-            start = (t0 - s) % self.ring
-            first = min(t, self.ring - start)  # the rest wraps to the ring's first slot
             for buf, x in ((loc.k, kw), (loc.v, v)):
-                buf.narrow(2, s + start, first).copy_(x.narrow(2, 0, first))
-                if first < t:
-                    buf.narrow(2, s, t - first).copy_(x.narrow(2, first, t - first))
+                write_wrapped(buf, x, s + (t0 - s) % self.ring, s, s + self.ring)
             return
         in_ring = valid & (qpos >= s)
         if bool(in_ring.any()):
@@ -526,13 +526,5 @@ class RetrievalEngine:
     def _maybe_rebase(self, loc: StreamState, t: int) -> None:
         """Move the frame origin of streams whose ring positions would exceed ``rebase_every``: the
         ring is re-rotated once (sinks and the store are in their own frames)."""
-        if self.rope is None:
-            return
-        for b, (seen, base) in enumerate(zip(loc.seen, loc.base, strict=True)):
-            delta = seen - base
-            if delta + t <= self.rebase_every or delta == 0:
-                continue
-            cdt = compute_dtype(loc.dtype)
-            back = self.rope.rotation_matrices(torch.tensor(-delta, device=loc.device), cdt)
-            loc.k[b, :, self.sinks :] = torch.matmul(loc.k[b, :, self.sinks :].to(cdt), back).to(loc.dtype)
-            loc.base[b] = seen
+        if self.rope is not None:
+            rebase_keys(loc, self.rope, self.rebase_every, t, lambda b: loc.k[b, :, self.sinks :])
