@@ -368,20 +368,20 @@ class SinkWindowEngine:
         if min(n) < t:  # padding may hold anything (NaN included): 0 * NaN would leak through P @ V
             pad = ~valid[:, None, :, None]
             q, k_raw, v = q.masked_fill(pad, 0), k_raw.masked_fill(pad, 0), v.masked_fill(pad, 0)
+        scale = d**-0.5 if self.scale is None else self.scale
         if self.rope is not None:
             start = st.seen[0] - st.base[0]
             if all(a - b == start for a, b in zip(st.seen, st.base, strict=True)):
                 cos, sin = _range_cos_sin(self.rope, start, t, cdt, dev)
             else:
                 cos, sin = self.rope.cos_sin((qpos - torch.tensor(st.base, device=dev)[:, None])[:, None], cdt)
+            if self._banded(st, n, t):  # the common chunk of a long stream: keys in stream order, sub-blocks
+                out, k = self._attend_banded(st, q, k_raw, v, cos, sin, scale)
+                self._write(st, k, v, k_raw, qpos, valid, n)
+                return out.to(dtype)
             qw, k = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
         else:
             qw, k = q, k_raw
-        scale = d**-0.5 if self.scale is None else self.scale
-        if self._banded(st, n, t):  # the common chunk of a long stream: keys in stream order, sub-blocks
-            out = self._attend_banded(st, q, qw, k, v, scale)
-            self._write(st, k, v, k_raw, qpos, valid, n)
-            return out.to(dtype)
         # What this block attends to: the buffer as it was, then the block itself. One copy of
         # O((S + C + T) * D), after which the ring may be overwritten freely.
         keys = torch.empty(bsz, hkv, slots + t, d, dtype=cdt, device=dev)
@@ -408,53 +408,87 @@ class SinkWindowEngine:
             and all(c == t for c in n)
         )
 
-    def _attend_banded(self, st, q, qw, k, v, scale) -> torch.Tensor:
+    def _attend_banded(self, st, q, k_raw, v, cos, sin, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """``_attend_with_sinks`` for a ``_banded`` block, doing ~``window + _BAND`` key reads per
         query instead of ``window + T``. Ring + block are copied in stream order (column ``c`` holds
         index ``seen - window + c``), where query ``i`` sees columns ``i + 1 .. i + window``; so a
         sub-block of ``m`` queries attends one slice of ``window + m - 1`` columns with a band mask
         that depends only on ``m`` (built once). Every sink is visible, in its frame at position 0
-        (past the anchor the query is not rotated for the sinks); merged by log-sum-exp as there."""
+        (past the anchor the query is not rotated for the sinks); merged by log-sum-exp as there.
+
+        Layouts are chosen so that nothing is copied twice: q and k are rotated straight into the
+        sub-block layout and the stream-ordered keys, and the merge writes the output in
+        ``[B, T, Hq, D]`` memory order (what transformers and the next projection read), returned as
+        the ``[B, Hq, T, D]`` view. Returns ``(output, rotated block keys)``."""
         bsz, hq, t, d = q.shape
-        hkv, s, w = k.shape[1], self.sinks, self.window
-        g, cdt, dev = hq // hkv, qw.dtype, qw.device
+        hkv, s, w = k_raw.shape[1], self.sinks, self.window
+        g, cdt, dev = hq // hkv, q.dtype, q.device
         o = (st.seen[0] - s) % w  # ring offset of the oldest held token
         keys = torch.empty(bsz, hkv, w + t, d, dtype=cdt, device=dev)
         values = torch.empty_like(keys)
-        for dst, ring, new in ((keys, st.k, k), (values, st.v, v)):
-            dst[:, :, : w - o], dst[:, :, w - o : w], dst[:, :, w:] = ring[:, :, s + o :], ring[:, :, s : s + o], new
-        rows = qw.view(bsz, hkv, g, t, d)
+        for dst, ring in ((keys, st.k), (values, st.v)):
+            dst[:, :, : w - o], dst[:, :, w - o : w] = ring[:, :, s + o :], ring[:, :, s : s + o]
+        k = apply_rotary(k_raw, cos, sin, out=keys[:, :, w:])
+        values[:, :, w:] = v
         m = min(_BAND, (t + 1) // 2)
         ns = t // m
         full = ns * m
-        out_w = torch.empty(bsz, hkv, g, t, d, dtype=cdt, device=dev)
-        lse_w = None
+        grouped = q.unflatten(1, (hkv, g))  # [B, Hkv, G, T, D]: a view
+        split = grouped[:, :, :, :full].unflatten(3, (ns, m))  # [B, Hkv, G, ns, m, D]
+        qs = torch.empty(bsz, ns, hkv, g, m, d, dtype=cdt, device=dev)  # sub-block layout
+        cos_s, sin_s = (x[:, :, :full].unflatten(2, (ns, m)).unsqueeze(1) for x in (cos, sin))
+        apply_rotary(split, cos_s, sin_s, out=qs.permute(0, 2, 3, 1, 4, 5))
+        win = lse = None
+        rest = []  # a last, shorter sub-block of each stream: (output [Hkv, G, r, D], lse [Hkv, G, r])
         for i in range(bsz):
             # the ns sub-blocks of stream i as one batch: their key slices overlap, a strided view
             kb, vb = keys[i], values[i]  # [Hkv, window + T, D]
             size, stride = (ns, hkv, w + m - 1, d), (m * d, kb.stride(0), d, 1)
             ks = kb.as_strided(size, stride, kb.storage_offset() + d)
             vs = vb.as_strided(size, stride, vb.storage_offset() + d)
-            qs = rows[i, :, :, :full].reshape(hkv, g, ns, m, d).permute(2, 0, 1, 3, 4).reshape(ns, hkv, g * m, d)
-            out_i, lse_i = attend_lse(qs, ks, vs, _band_bias(w, m, g, cdt, dev), scale)
-            if lse_w is None:
-                lse_w = torch.empty(bsz, hkv, g, t, dtype=lse_i.dtype, device=dev)
-            out_w[i, :, :, :full] = out_i.view(ns, hkv, g, m, d).permute(1, 2, 0, 3, 4).reshape(hkv, g, full, d)
-            lse_w[i, :, :, :full] = lse_i.view(ns, hkv, g, m).permute(1, 2, 0, 3).reshape(hkv, g, full)
-            if full < t:  # a last, shorter sub-block
+            out_i, lse_i = attend_lse(qs[i].view(ns, hkv, g * m, d), ks, vs, _band_bias(w, m, g, cdt, dev), scale)
+            out_i, lse_i = out_i.unflatten(2, (g, m)), lse_i.view(ns, hkv, g, m)
+            if bsz == 1:
+                win, lse = out_i[None], lse_i[None]
+            else:
+                if win is None:
+                    win = torch.empty(bsz, *out_i.shape, dtype=cdt, device=dev)
+                    lse = torch.empty(bsz, *lse_i.shape, dtype=lse_i.dtype, device=dev)
+                win[i], lse[i] = out_i, lse_i
+            if full < t:
                 r = t - full
+                qr = apply_rotary(grouped[i : i + 1, :, :, full:], cos[i % cos.shape[0], :, full:], sin[i % sin.shape[0], :, full:])
                 out_r, lse_r = attend_lse(
-                    rows[i : i + 1, :, :, full:].reshape(1, hkv, g * r, d),
+                    qr.reshape(1, hkv, g * r, d),
                     keys[i : i + 1, :, full + 1 : t + w],
                     values[i : i + 1, :, full + 1 : t + w],
                     _band_bias(w, r, g, cdt, dev),
                     scale,
                 )
-                out_w[i, :, :, full:] = out_r.view(hkv, g, r, d)
-                lse_w[i, :, :, full:] = lse_r.view(hkv, g, r)
-        out_w, lse_w = out_w.view(bsz, hkv, g * t, d), lse_w.view(bsz, hkv, g * t)
-        sinks_k, sinks_v = st.sink_k.to(cdt), st.v[:, :, :s].to(cdt)
-        return add_keys(out_w, lse_w, q.reshape(bsz, hkv, g * t, d), sinks_k, sinks_v, scale).view(bsz, hq, t, d)
+                rest.append((out_r.view(hkv, g, r, d), lse_r.view(hkv, g, r)))
+        out = torch.empty(bsz, t, hkv, g, d, dtype=cdt, device=dev)  # [B, T, Hq, D] memory order
+        view = out.permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+        sinks_k, sinks_v = st.sink_k.to(cdt)[:, :, None, None], st.v[:, :, None, None, :s].to(cdt)
+        add_keys(
+            win.permute(0, 2, 3, 1, 4, 5),
+            lse.permute(0, 2, 3, 1, 4),
+            split,
+            sinks_k,
+            sinks_v,
+            scale,
+            into=view[:, :, :, :full].unflatten(3, (ns, m)),
+        )
+        if rest:
+            add_keys(
+                torch.stack([x for x, _ in rest]),
+                torch.stack([x for _, x in rest]),
+                grouped[:, :, :, full:],
+                sinks_k[:, :, 0],
+                sinks_v[:, :, 0],
+                scale,
+                into=view[:, :, :, full:],
+            )
+        return out.view(bsz, t, hq, d).transpose(1, 2), k
 
     def _attend_with_sinks(self, st, q, qw, keys, values, key, qpos, scale) -> torch.Tensor:
         """Cache mode: sink ``j`` sits at distance ``min(t, anchor) - j`` from query ``t``, which no

@@ -184,22 +184,27 @@ def attend_lse(
 
 
 def add_keys(
-    out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over keys ``A + K`` from the attention over ``A`` (``out [B, H, R, D]``, its
-    log-sum-exp ``lse [B, H, R]``, finite) and a few more keys ``k, v [B, H, S, D]`` that every row
-    ``q [B, H, R, D]`` sees: one softmax over ``[q k^T * scale, lse]`` weighs the S values and ``out``
-    (five ops, where scoring the S keys apart and ``merge_lse`` take a dozen)."""
-    b, h, r, d = q.shape
-    s = k.shape[2]
-    zero = _zero_one(q.dtype, q.device)[0]
-    # rows in the last dim ([B*H, S+1, R]): a softmax over a dim of 5 is slow when it is the last one
-    scores = torch.baddbmm(zero, k.reshape(b * h, s, d), q.reshape(b * h, r, d).transpose(1, 2), beta=0, alpha=scale)
-    w = torch.softmax(torch.cat((scores, lse.reshape(b * h, 1, r).to(scores.dtype)), dim=1), dim=1)
-    merged = torch.baddbmm(
-        out.reshape(b * h, r, d) * w[:, s:].transpose(1, 2), w[:, :s].transpose(1, 2), v.reshape(b * h, s, d)
-    )
-    return merged.view(b, h, r, d)
+    """Attention over keys ``A + K`` from the attention over ``A`` (``out [..., R, D]``, its
+    log-sum-exp ``lse [..., R]``, finite) and a few more keys ``k, v [..., S, D]`` that every row
+    ``q [..., R, D]`` sees (leading dims broadcast): one softmax over ``[q k^T * scale, lse]`` weighs
+    the S values and ``out`` (four ops, where scoring the S keys apart and ``merge_lse`` take a
+    dozen). ``into``: a tensor of the result's shape, any strides, written in place (e.g. the
+    caller's output layout), so no copy follows."""
+    s = k.shape[-2]
+    # the S keys in the rows, the queries in the last dim: a softmax over a last dim of S is slow
+    scores = torch.matmul(k, q.transpose(-1, -2)).mul_(scale)  # [..., S, R]
+    w = torch.softmax(torch.cat((scores, lse.unsqueeze(-2).to(scores.dtype)), dim=-2), dim=-2)
+    part = torch.matmul(w[..., :s, :].transpose(-1, -2), v)  # [..., R, D]
+    return torch.addcmul(part, out, w[..., s:, :].transpose(-1, -2), out=into)
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
