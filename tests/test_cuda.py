@@ -43,3 +43,18 @@ def test_cuda_ragged_batch_and_state_round_trip(positions, tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     x = [t.cuda() for t in make_qkv(3, 9, 3, 1, D, seed=99)]
     assert torch.equal(resumed(*x), attn(*x))
+
+
+@pytest.mark.parametrize("store", ["device", "cpu", "disk"])
+def test_cuda_retrieval_store_off_the_device(store, tmp_path):
+    """A retrieval store in host memory or on disk gives the device store's results: only the
+    retrieved blocks travel to the GPU; the bounds and the local buffers stay there."""
+    kw = {"store_dir": str(tmp_path)} if store == "disk" else {}
+    policy, rope = sa.Retrieval(sinks=4, window=32, block=8, topk=2, store=store, **kw), sa.RoPE(D, 1e5)
+    q, k, v = make_qkv(2, 9, 3, 300, D, torch.float32, seed=5)
+    attn = sa.StreamingAttention(policy, rope, "cache")
+    out = stream(attn, q.cuda(), k.cuda(), v.cuda(), chunk_sizes("random", 300))
+    assert attn.state.mem_k.device.type == ("cuda" if store == "device" else "cpu")
+    assert attn.state.lo.device.type == "cuda" and out.device.type == "cuda"
+    want = reference.replay_retrieval(q.double(), k.double(), v.double(), policy, rope=rope, positions="cache")
+    assert max_err(out.cpu(), want) < 1e-4

@@ -249,3 +249,52 @@ def test_both_memory_paths_equal_the_replay(monkeypatch, union, positions):
     out = stream(sa.StreamingAttention(pol, sa.RoPE(D), positions), q, k, v, chunk_sizes("random", 80, seed=3))
     assert max_err(out, reference.replay_retrieval(q, k, v, pol, rope=sa.RoPE(D), positions=positions)) < 1e-12
     assert set(calls) == {"_attend_gathered" if union == 0 else "_attend_union"}
+
+
+# ---------------------------------------------------------------------- where the store lives
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+@pytest.mark.parametrize("max_blocks", [None, 4], ids=["growing", "max4"])
+def test_store_placement_changes_nothing(store, max_blocks, tmp_path):
+    """The store on the CPU or memory-mapped on disk gives the device store's results bitwise, also
+    through growth, streams joining and leaving and save/restore; the disk store's tensors are
+    file-backed (files unlinked at once: the directory stays empty) and so is a restored one."""
+    from streamattn.core.placement import mapped_file
+
+    kw = {"store_dir": str(tmp_path)} if store == "disk" else {}
+    pols = [
+        sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=max_blocks),
+        sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=max_blocks, store=store, **kw),
+    ]
+    q, k, v = make_qkv(3, 4, 2, T, D, torch.float32, seed=12)
+    ops = [sa.StreamingAttention(p, sa.RoPE(D), "cache") for p in pols]
+    outs = [stream(op, q[:, :, :50], k[:, :, :50], v[:, :, :50], [7, 1, 30, 12]) for op in ops]
+    assert torch.equal(outs[0], outs[1])
+    for op in ops:  # streams leave and join
+        op.select_streams([2, 0])
+        op.add_streams(op.state.select([1]))
+    if store == "disk":
+        assert all(mapped_file(t) for t in (ops[1].state.mem_k, ops[1].state.mem_v))
+        assert mapped_file(ops[1].state.lo) is None  # bounds stay with the attention
+        assert list(tmp_path.iterdir()) == []
+    saved = ops[1].state_dict()
+    restored = sa.StreamingAttention(pols[1], sa.RoPE(D), "cache")
+    restored.load_state_dict(saved)
+    if store == "disk":
+        assert mapped_file(restored.state.mem_k) is not None
+    rest = [x[[2, 0, 0], :, 50:] for x in (q, k, v)]
+    a, b, c = (stream(op, *rest, [1] * 13 + [27]) for op in (ops[0], ops[1], restored))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(ops[0].state.mem_k, ops[1].state.mem_k.to(ops[0].state.mem_k.device))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"store": "floppy"}, "store must be one of"),
+        ({"store": "cpu", "store_dir": "/tmp"}, "store_dir is for store='disk'"),
+        ({"store": "disk", "store_dir": "/nonexistent/dir"}, "store_dir must be an existing directory"),
+    ],
+)
+def test_bad_store_placements(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sa.Retrieval(**kwargs)

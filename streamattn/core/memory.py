@@ -29,12 +29,13 @@ streaming for any chunking.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from streamattn.core.kernels import attend_lse, attend_with_lse, compute_dtype, rebase_keys, write_wrapped
+from streamattn.core.placement import Placement
 from streamattn.core.registry import register_engine
 from streamattn.core.rope import RoPE, apply_rotary
 from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
@@ -43,6 +44,7 @@ from streamattn.policies import Retrieval
 NO_BLOCK = -1  # block number of an empty store slot
 _UNION = 2  # attend the union of the chosen blocks while it is at most this many times topk, else gather per query
 _STORE = ("mem_k", "mem_v", "lo", "hi", "block_id", "stamp")
+_PLACED = ("mem_k", "mem_v")  # the store's bulk: where ``Retrieval(store=...)`` says; the rest stays with the attention
 
 
 @dataclass
@@ -54,6 +56,8 @@ class MemoryState:
     - ``lo``, ``hi``: ``[B, Hkv, C, D]`` elementwise min / max of each block's keys (as stored).
     - ``block_id``: ``[B, Hkv, C]`` int64 block number held by each slot (``NO_BLOCK``: empty).
     - ``stamp``: ``[B, Hkv, C]`` int64 the last query that retrieved the block (or its entry index).
+    - ``placement``: where ``mem_k`` / ``mem_v`` live (the attention device, host memory or
+      memory-mapped files: ``core.placement``); every other tensor is on the attention device.
     """
 
     local: StreamState
@@ -63,6 +67,7 @@ class MemoryState:
     hi: torch.Tensor
     block_id: torch.Tensor
     stamp: torch.Tensor
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def batch_size(self) -> int:
@@ -104,10 +109,18 @@ class MemoryState:
     def head_nbytes(self) -> list[int]:
         return [self.nbytes // self.kv_heads] * self.kv_heads
 
+    def _placed(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a new value of store tensor ``name``) where that tensor belongs."""
+        return self.placement.adopt(t, self.device) if name in _PLACED else t.to(self.device)
+
     def select(self, rows: torch.Tensor | Sequence[int]) -> MemoryState:
         local = self.local.select(rows)
-        at = torch.tensor(self.local._rows(rows), device=self.device)
-        return MemoryState(local, **{name: t.index_select(0, at) for name, t in self.store().items()})
+        idx = self.local._rows(rows)
+        store = {
+            name: self._placed(name, t.index_select(0, torch.tensor(idx, device=t.device)))
+            for name, t in self.store().items()
+        }
+        return MemoryState(local, **store, placement=self.placement)
 
     def put(self, rows: torch.Tensor | Sequence[int], other: MemoryState) -> None:
         self._check_compatible(other)
@@ -117,11 +130,11 @@ class MemoryState:
         if other.capacity > self.capacity:
             self.widen(other.capacity)
         self.local.put(idx, other.local)
-        at = torch.tensor(idx, device=self.device)
         c = other.capacity
         for name, mine in self.store().items():
+            at = torch.tensor(idx, device=mine.device)
             mine[at] = NO_BLOCK if name == "block_id" else 0
-            mine[at, :, :c] = getattr(other, name)
+            mine[at, :, :c] = getattr(other, name).to(mine.device)
 
     @staticmethod
     def cat(states: Sequence[MemoryState]) -> MemoryState:
@@ -132,7 +145,12 @@ class MemoryState:
         c = max(s.capacity for s in states)
         states = [s if s.capacity == c else s._widened(c) for s in states]
         local = StreamState.cat([s.local for s in states])
-        return MemoryState(local, **{name: torch.cat([getattr(s, name) for s in states]) for name in _STORE})
+        first = states[0]
+        store = {}
+        for name in _STORE:
+            dev = getattr(first, name).device
+            store[name] = first._placed(name, torch.cat([getattr(s, name).to(dev) for s in states]))
+        return MemoryState(local, **store, placement=first.placement)
 
     def _check_compatible(self, other: Any) -> None:
         if not isinstance(other, MemoryState) or other.mem_k.shape[3] != self.mem_k.shape[3]:
@@ -147,9 +165,14 @@ class MemoryState:
     def _widened(self, c: int) -> MemoryState:
         grown = {}
         for name, t in self.store().items():
-            pad = t.new_full((*t.shape[:2], c - t.shape[2], *t.shape[3:]), NO_BLOCK if name == "block_id" else 0)
-            grown[name] = torch.cat((t, pad), dim=2)
-        return MemoryState(self.local, **grown)
+            shape = (*t.shape[:2], c, *t.shape[3:])
+            if name in _PLACED:
+                new = self.placement.zeros(shape, t.dtype, self.device)
+            else:
+                new = t.new_full(shape, NO_BLOCK if name == "block_id" else 0)
+            new[:, :, : t.shape[2]] = t
+            grown[name] = new
+        return MemoryState(self.local, **grown, placement=self.placement)
 
     def to_dict(self) -> dict[str, object]:
         return {"local": self.local.to_dict(), **{name: t.clone() for name, t in self.store().items()}}
@@ -158,11 +181,13 @@ class MemoryState:
 @dataclass(frozen=True)
 class MemorySpec:
     """What a saved ``MemoryState`` must look like: the local ``StateSpec``, the block size and the
-    store's capacity (``None``: growing)."""
+    store's capacity (``None``: growing). ``placement``: where a loaded store's blocks are put (a
+    saved state's blocks may be on the attention device or on the CPU, whatever it was saved from)."""
 
     local: StateSpec
     block: int
     capacity: int | None
+    placement: Placement = field(default_factory=Placement)
 
     def load(self, raw: Any) -> MemoryState:
         if not isinstance(raw, Mapping) or any(name not in raw for name in ("local", *_STORE)):
@@ -186,17 +211,41 @@ class MemorySpec:
         store = {}
         for name, (shape, dtype) in expected.items():
             t = raw[name]
+            devices = (local.device, torch.device("cpu")) if name in _PLACED else (local.device,)
+            where = " or ".join(dict.fromkeys(str(x) for x in devices))
             if (
                 not isinstance(t, torch.Tensor)
                 or tuple(t.shape) != shape
                 or t.dtype != dtype
-                or t.device != local.device
+                or t.device not in devices
             ):
-                raise ValueError(
-                    f"malformed retrieval state: {name} must be a {dtype} {list(shape)} tensor on {local.device}"
-                )
-            store[name] = t.clone()
-        return MemoryState(local, **store)
+                raise ValueError(f"malformed retrieval state: {name} must be a {dtype} {list(shape)} tensor on {where}")
+        for name in expected:
+            t = raw[name]
+            if name in _PLACED:
+                out = self.placement.zeros(t.shape, t.dtype, local.device)
+                store[name] = out.copy_(t)
+            else:
+                store[name] = t.clone()
+        return MemoryState(local, **store, placement=self.placement)
+
+
+def _union(chosen: torch.Tensor, ok: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct slots of ``chosen [B, Hkv, T, K]`` where ``ok``, per (stream, kv head), packed
+    first: ``(union [B, Hkv, U], real [B, Hkv, U])`` with ``U >= 1`` the most any row has (padding:
+    slot 0, ``real`` False). A sort of the ``T K`` choices, whatever the store's size ``C``."""
+    flat = chosen.masked_fill(~ok, c).flatten(2)  # c: "none", sorts last
+    ordered = flat.sort(dim=-1).values
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    new &= ordered < c
+    u = max(1, int(new.sum(-1).max()))
+    rank = new.cumsum(-1) - 1  # where each distinct slot goes
+    union = torch.zeros(*flat.shape[:2], u + 1, dtype=flat.dtype, device=flat.device)
+    union.scatter_(-1, torch.where(new, rank, u), torch.where(new, ordered, 0))  # duplicates and "none" to column u
+    union = union[..., :u]
+    real = torch.arange(u, device=flat.device) < new.sum(-1, keepdim=True)
+    return union, real
 
 
 @register_engine(Retrieval)
@@ -220,6 +269,7 @@ class RetrievalEngine:
         self.scale = scale
         self.rebase_every = rebase_every
         self.block_size = block_size
+        self.placement = Placement(policy.store, policy.store_dir)
 
     # ------------------------------------------------------------------ state
     def new_state(self, b: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> MemoryState:
@@ -234,12 +284,13 @@ class RetrievalEngine:
         c = self.policy.max_blocks or 4
         return MemoryState(
             local,
-            mem_k=torch.zeros(b, hkv, c, self.block, d, dtype=dtype, device=device),
-            mem_v=torch.zeros(b, hkv, c, self.block, d, dtype=dtype, device=device),
+            mem_k=self.placement.zeros((b, hkv, c, self.block, d), dtype, device),
+            mem_v=self.placement.zeros((b, hkv, c, self.block, d), dtype, device),
             lo=torch.zeros(b, hkv, c, d, dtype=dtype, device=device),
             hi=torch.zeros(b, hkv, c, d, dtype=dtype, device=device),
             block_id=torch.full((b, hkv, c), NO_BLOCK, dtype=torch.int64, device=device),
             stamp=torch.zeros(b, hkv, c, dtype=torch.int64, device=device),
+            placement=self.placement,
         )
 
     @property
@@ -251,7 +302,7 @@ class RetrievalEngine:
             sink_k=False,
             index=False,
         )
-        return MemorySpec(local, self.block, self.policy.max_blocks)
+        return MemorySpec(local, self.block, self.policy.max_blocks, self.placement)
 
     def check_inputs(self, hkv: int, d: int) -> None:
         pass
@@ -358,7 +409,7 @@ class RetrievalEngine:
             parts.append((o_s.reshape(q.shape), l_s.reshape(bsz, hq, t)))
         if max(held) > 0:
             at = (n_win + self.block - 1) if self.cache_mode else qpos  # blocks are stored at u (cache) or j
-            parts.append(self._attend_memory(st, q, self._rotate(q, at[:, None]), qpos, valid, scale))
+            parts.append(self._attend_memory(st, q, self._rotate(q, at[:, None]), qpos, valid, max(held), scale))
         lse = torch.logsumexp(torch.stack([part[1] for part in parts]), dim=0)  # [B, Hq, T]
         out = sum(o * torch.exp(part - lse)[..., None] for o, part in parts)
 
@@ -400,66 +451,67 @@ class RetrievalEngine:
         o, lse = attend_lse(qw.reshape(bsz, hkv, g * t, d), keys, values, bias, scale)
         return o.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
 
-    def _choose(self, st: MemoryState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choose(self, st: MemoryState, q: torch.Tensor, held: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query's ``topk`` slots by relevance, per kv head: ``chosen [B, Hkv, T, K]`` and ``ok``
         (False where fewer blocks are in memory). ``q``: rotated for the store's frame, where the
         bounds were taken. Relevance: ``sum_g sum_d max(q lo, q hi)`` =
-        ``(sum_g relu(q)) . hi + (sum_g min(q, 0)) . lo``, two matmuls."""
+        ``(sum_g relu(q)) . hi + (sum_g min(q, 0)) . lo``, two matmuls over the slots in use (``held``
+        blocks per stream at most: a growing store fills its slots in order, a bounded one all of them)."""
         bsz, hq, t, d = q.shape
-        hkv, c = st.kv_heads, st.capacity
+        hkv = st.kv_heads
+        c = st.capacity if self.policy.max_blocks is not None else min(held, st.capacity)
         qg = q.view(bsz, hkv, hq // hkv, t, d)
-        hi, lo = st.hi.to(q.dtype).transpose(-1, -2), st.lo.to(q.dtype).transpose(-1, -2)
-        rel = qg.clamp(min=0).sum(2) @ hi + qg.clamp(max=0).sum(2) @ lo  # [B, Hkv, T, C]
-        rel = rel.masked_fill((st.block_id == NO_BLOCK)[:, :, None, :], float("-inf"))
+        # blocks in the rows ([C, D] @ [D, T]): one pass over the bounds, a matrix-vector product at decode
+        pos, neg = qg.clamp(min=0).sum(2).transpose(-1, -2), qg.clamp(max=0).sum(2).transpose(-1, -2)
+        hi, lo, block_id = st.hi[:, :, :c], st.lo[:, :, :c], st.block_id[:, :, :c]
+        rel = torch.matmul(hi.to(q.dtype), pos).add_(torch.matmul(lo.to(q.dtype), neg))  # [B, Hkv, C, T]
+        rel = rel.masked_fill_((block_id == NO_BLOCK)[..., None], float("-inf")).transpose(-1, -2)  # [B, Hkv, T, C]
         kk = min(self.topk, c)
         best, chosen = rel.topk(kk, dim=-1)
         kth = best[..., -1:]
         if bool(((rel >= kth) & torch.isfinite(kth)).sum(-1).gt(kk).any()):  # a tie at the cut: the stated rule
-            order = torch.sort(st.block_id, dim=-1, descending=True, stable=True).indices  # newer block first
+            order = torch.sort(block_id, dim=-1, descending=True, stable=True).indices  # newer block first
             order = order[:, :, None, :].expand(-1, -1, t, -1)
             top = torch.sort(rel.gather(-1, order), dim=-1, descending=True, stable=True).indices[..., :kk]
             chosen = order.gather(-1, top)
             best = rel.gather(-1, chosen)
         return chosen, torch.isfinite(best)
 
-    def _attend_memory(self, st, q, qm, qpos, valid, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend_memory(self, st, q, qm, qpos, valid, held, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query's ``topk`` blocks by relevance (per kv head), attended with the query ``qm``
         rotated for the store's frame; stamps updated. The union of the blocks the segment's queries
         chose is gathered once per kv head and each query masked to its own: output and log-sum-exp."""
         bsz, hkv, c, dev = q.shape[0], st.kv_heads, st.capacity, q.device
-        chosen, ok = self._choose(st, qm)
+        chosen, ok = self._choose(st, qm, held)
         ok &= valid[:, None, :, None]
-        mark = torch.zeros(bsz, hkv, c, dtype=torch.int32, device=dev)
-        mark = mark.scatter_add_(-1, chosen.reshape(bsz, hkv, -1), ok.reshape(bsz, hkv, -1).int()) > 0  # [B, Hkv, C]
-        u = max(1, int(mark.sum(-1).max()))
+        union, real = _union(chosen, ok, c)  # [B, Hkv, U]: the distinct slots chosen (O(T K log T K), not O(C))
         base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
-        if u > _UNION * chosen.shape[-1]:  # the queries disagree: gather each query's own blocks
+        if union.shape[-1] > _UNION * chosen.shape[-1]:  # the queries disagree: gather each query's own blocks
             o, lse = self._attend_gathered(st, qm, base[..., None] + chosen, ok, scale)
         else:
-            o, lse = self._attend_union(st, qm, base, chosen, ok, mark, u, scale)
+            o, lse = self._attend_union(st, qm, base, chosen, ok, union, real, scale)
 
         # stamps: the last (valid) query that retrieved each slot
         stamp_of = torch.where(ok, qpos[:, None, :, None], -1)
         st.stamp.scatter_reduce_(-1, chosen.reshape(bsz, hkv, -1), stamp_of.reshape(bsz, hkv, -1), reduce="amax")
         return o, lse
 
-    def _attend_union(self, st, qm, base, chosen, ok, mark, u, scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """The union of the ``u`` blocks the queries chose, gathered once per kv head; each query
-        masked to its own (one fused call). Output ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]``."""
+    def _attend_union(self, st, qm, base, chosen, ok, union, real, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of the blocks the queries chose (``union [B, Hkv, U]``, ``real``: not padding),
+        gathered once per kv head; each query masked to its own (one fused call). Output
+        ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]``."""
         bsz, hq, t, d = qm.shape
-        hkv, size = st.kv_heads, self.block
+        hkv, size, u = st.kv_heads, self.block, union.shape[-1]
         g, cdt, dev = hq // hkv, qm.dtype, qm.device
-        union = torch.sort((~mark).to(torch.uint8), dim=-1, stable=True).indices[..., :u]  # marked slots first
         sel = ((chosen[..., None] == union[:, :, None, None, :]) & ok[..., None]).any(dim=-2)  # [B, Hkv, T, U]
-        sel &= mark.gather(-1, union)[:, :, None, :]
+        sel &= real[:, :, None, :]
         has = sel.any(dim=-1)  # [B, Hkv, T]: rows that retrieved something
         sel |= ~has[..., None]  # the others see everything (their part is dropped below): no empty row
-        flat = base + union
-        keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, u * size, d)
-        values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(bsz, hkv, u * size, d)
+        keys, values = self._fetch(st, base + union, cdt, dev)
+        keys, values = keys.view(bsz, hkv, u * size, d), values.view(bsz, hkv, u * size, d)
         bias = torch.zeros(sel.shape, dtype=cdt, device=dev).masked_fill_(~sel, float("-inf"))
         bias = bias[:, :, None, :, :, None].expand(bsz, hkv, g, t, u, size).reshape(bsz, hkv, g * t, u * size)
-        o, lse = attend_lse(qm.reshape(bsz, hkv, g * t, d), keys.to(cdt), values.to(cdt), bias, scale)
+        o, lse = attend_lse(qm.reshape(bsz, hkv, g * t, d), keys, values, bias, scale)
         lse = lse.view(bsz, hkv, g, t).masked_fill(~has[:, :, None], float("-inf"))
         return o.reshape(bsz, hq, t, d), lse.reshape(bsz, hq, t)
 
@@ -470,8 +522,8 @@ class RetrievalEngine:
         hkv, size, kk = st.kv_heads, self.block, flat.shape[-1]
         g, cdt = hq // hkv, qm.dtype
         n = bsz * hkv * t
-        keys = st.mem_k.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(n, kk * size, d).to(cdt)
-        values = st.mem_v.reshape(-1, size, d).index_select(0, flat.reshape(-1)).view(n, kk * size, d).to(cdt)
+        keys, values = self._fetch(st, flat, cdt, qm.device)
+        keys, values = keys.view(n, kk * size, d), values.view(n, kk * size, d)
         rows = qm.view(bsz, hkv, g, t, d).transpose(2, 3).reshape(n, g, d)
         scores = torch.bmm(rows, keys.transpose(1, 2)) * scale  # [N, G, K * block]
         hidden = ~ok.reshape(n, kk, 1).expand(n, kk, size).reshape(n, 1, kk * size)
@@ -481,6 +533,15 @@ class RetrievalEngine:
         o = torch.bmm(p, values)  # [N, G, D]
         o = o.view(bsz, hkv, t, g, d).transpose(2, 3).reshape(bsz, hq, t, d)
         return o, lse.view(bsz, hkv, t, g).transpose(2, 3).reshape(bsz, hq, t)
+
+    def _fetch(self, st: MemoryState, rows: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        """Blocks ``rows`` (indices into the flattened store, any shape) as ``[N, block, D]`` keys and
+        values in ``dtype`` on ``device``: one gather where the store lives, then one transfer."""
+        size, d = self.block, st.head_dim
+        at = rows.reshape(-1).to(st.mem_k.device)
+        keys = st.mem_k.reshape(-1, size, d).index_select(0, at)
+        values = st.mem_v.reshape(-1, size, d).index_select(0, at)
+        return keys.to(device, dtype, non_blocking=True), values.to(device, dtype, non_blocking=True)
 
     def _enter(self, st: MemoryState, b: int) -> None:
         """Stream ``b`` is at the entry index of its next block: move that block from the ring into
@@ -509,8 +570,9 @@ class RetrievalEngine:
             oldest = stamp == stamp.min(dim=-1, keepdim=True).values
             slot = torch.where(oldest, st.block_id[b], EMPTY).argmin(dim=-1)
         heads = torch.arange(hkv, device=st.device)
-        st.mem_k[b, heads, slot] = local.to(st.dtype)
-        st.mem_v[b, heads, slot] = loc.v[b, :, slots]
+        where = st.mem_k.device
+        st.mem_k[b, heads.to(where), slot.to(where)] = local.to(where, st.dtype)
+        st.mem_v[b, heads.to(where), slot.to(where)] = loc.v[b, :, slots].to(where)
         st.lo[b, heads, slot] = local.min(dim=1).values.to(st.dtype)
         st.hi[b, heads, slot] = local.max(dim=1).values.to(st.dtype)
         st.block_id[b, heads, slot] = blk

@@ -27,6 +27,13 @@ The rule, exactly (``streamattn.reference.replay_retrieval`` implements it liter
 
 So a query attends to at most ``sinks + window + topk * block`` keys, however long the stream.
 
+Where the store's keys and values live (``store``) changes no result, only where the bytes are:
+``"device"`` (with the attention), ``"cpu"`` (host memory; each step moves only the blocks it
+retrieved to the attention device) or ``"disk"`` (memory-mapped files in ``store_dir``, default the
+system temp directory, unlinked as soon as they are mapped: the operating system pages the store
+in and out, and nothing is left behind). The bounds that relevance reads stay with the attention
+(``2 / block`` of the store's bytes).
+
 Positions (``StreamingAttention(positions=...)``): ``"absolute"``: every key at its stream index;
 ``"cache"`` (StreamingLLM's rule, with InfLLM's treatment of memory): the sinks at ``0 .. s - 1``,
 then, if the query retrieved any block, *every* retrieved block at the same ``block`` positions
@@ -38,10 +45,13 @@ distance ``t - j``, a retrieved token ``u`` at ``n_window + block - 1 - u``: pos
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from streamattn.policies.base import check_int
+
+STORES = ("device", "cpu", "disk")  # where a Retrieval store's keys and values live
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class Retrieval:
     block: int = 128
     topk: int = 4
     max_blocks: int | None = None
+    store: str = "device"
+    store_dir: str | None = None
     kind: ClassVar[str] = "memory"
 
     def __post_init__(self) -> None:
@@ -62,6 +74,13 @@ class Retrieval:
         check_int("Retrieval", "topk", self.topk, 1)
         if self.max_blocks is not None:
             check_int("Retrieval", "max_blocks", self.max_blocks, self.topk)
+        if self.store not in STORES:
+            raise ValueError(f"Retrieval: store must be one of {STORES}, got {self.store!r}")
+        if self.store_dir is not None:
+            if self.store != "disk":
+                raise ValueError(f"Retrieval: store_dir is for store='disk', got store={self.store!r}")
+            if not isinstance(self.store_dir, str) or not os.path.isdir(self.store_dir):
+                raise ValueError(f"Retrieval: store_dir must be an existing directory, got {self.store_dir!r}")
 
     @property
     def name(self) -> str:
@@ -89,4 +108,6 @@ class Retrieval:
             "block": self.block,
             "topk": self.topk,
             "max_blocks": self.max_blocks,
+            "store": self.store,
+            "store_dir": self.store_dir,
         }

@@ -6,6 +6,7 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
     fields  := field ("," field)*          # "window" required; a repeated name: the last one wins
     field   := ("sinks" | "window" | "budget" | "every" | "block" | "topk" | "max_blocks") "=" INT
              | "score=" scorer
+             | "store=" ("device" | "cpu" | "disk") | "store_dir=" PATH        # retrieval only
     scorer  := "knorm" | "tova" | "h2o" | "snapkv" [":" INT [":" INT]]     # snapkv:WINDOW:KERNEL
 
     "sinks=4,window=1020"   -> SinkWindow(sinks=4, window=1020)
@@ -17,6 +18,8 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
     "sinks=4,window=1020,block=128,topk=4[,max_blocks=N]"
                             -> Retrieval(4, 1020, 128, 4, N)  (block makes it a retrieval memory;
                                topk defaults to 4, max_blocks to None: every block kept)
+    "sinks=4,window=1020,block=128,store=disk[,store_dir=/scratch]"
+                            -> the store memory-mapped on disk (same results, other placement)
 
 An absent ``sinks`` is 0 in every form. Two forms need a calibration profile (``streamattn
 calibrate``; ``profile=`` path or dict) and give a ``PerLayer`` policy for a whole model:
@@ -42,7 +45,7 @@ from streamattn.policies.sink_window import SinkWindow
 
 _FORMS = (
     "'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B[,score=NAME][,every=E]', "
-    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M]' or 'full'"
+    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,store=device|cpu|disk][,store_dir=PATH]' or 'full'"
 )
 _SCORERS = "knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]"
 _INTS = ("sinks", "window", "budget", "every", "block", "topk", "max_blocks")
@@ -84,6 +87,10 @@ def policy_spec(policy: Policy) -> str:
         return f"sinks={policy.sinks},window={policy.window}" if policy.sinks else f"window={policy.window}"
     if isinstance(policy, Retrieval):
         keep = "" if policy.max_blocks is None else f",max_blocks={policy.max_blocks}"
+        if policy.store != "device":
+            keep += f",store={policy.store}"
+        if policy.store_dir is not None:
+            keep += f",store_dir={policy.store_dir}"
         return f"sinks={policy.sinks},window={policy.window},block={policy.block},topk={policy.topk}{keep}"
     if isinstance(policy, Compressed):
         return (
@@ -129,6 +136,7 @@ def parse_policy(spec: str, profile: object = None) -> Policy:
     if "|" in spec:
         return _per_head(spec, profile)
     fields: dict[str, int] = {}
+    placement: dict[str, str] = {}
     score: Scorer | None = None
     qfilters = False
     for part in spec.split(","):
@@ -139,6 +147,9 @@ def parse_policy(spec: str, profile: object = None) -> Policy:
             continue
         if key == "score" and value.strip():
             score = parse_scorer(value)
+            continue
+        if key in ("store", "store_dir") and value.strip():
+            placement[key] = value.strip()
             continue
         if key not in _INTS or not _is_int(value):
             raise ValueError(f"bad policy {spec!r}: expected {_FORMS}")
@@ -159,12 +170,16 @@ def parse_policy(spec: str, profile: object = None) -> Policy:
         layers = qfilters_policies(profile, sinks=sinks, window=fields["window"], budget=fields["budget"], every=every)
         return PerLayer(tuple(layers), label=spec.strip())
     retrieval = [key for key in _RETRIEVAL if key in fields]
+    if placement and "block" not in fields:
+        raise ValueError(f"bad policy {spec!r}: 'store' and 'store_dir' belong to a retrieval policy ('block=N')")
     if retrieval:
         if "block" not in fields or "budget" in fields or score is not None or "every" in fields:
             raise ValueError(
                 f"bad policy {spec!r}: a retrieval policy is 'sinks=S,window=W,block=N[,topk=K][,max_blocks=M]'"
             )
-        return Retrieval(sinks, fields["window"], fields["block"], fields.get("topk", 4), fields.get("max_blocks"))
+        return Retrieval(
+            sinks, fields["window"], fields["block"], fields.get("topk", 4), fields.get("max_blocks"), **placement
+        )
     if "budget" in fields:
         return Compressed(sinks, fields["window"], fields["budget"], score or TOVA(), fields.get("every", 64))
     if score is not None or "every" in fields:
