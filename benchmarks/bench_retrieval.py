@@ -8,9 +8,10 @@ state bytes (store bytes per token streamed), and at the last position the time 
 state (``torch.save`` of ``state_dict``) and to load it back (``load_state_dict``, validated).
 
 Policies: ``SinkWindow(4, 1020)`` (no memory: the floor), ``Retrieval(4, 1020, 128, 4)`` (every
-block kept: the store grows) and ``Retrieval(4, 1020, 128, 4, max_blocks=64)`` (bounded).
+block kept: the store grows) and ``Retrieval(4, 1020, 128, 4, max_blocks=64)`` (bounded), their
+stores where ``--store`` says (``disk``: memory-mapped files in the temp directory).
 
-    python -m benchmarks.bench_retrieval [--positions 4K,16K,64K,256K,1M] [--out FILE]
+    python -m benchmarks.bench_retrieval [--positions 4K,16K,64K,256K,1M] [--store disk] [--out FILE]
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from benchmarks.bench_engine import machine
 from streamattn.eval.recall import format_distance, parse_distances
 
 HQ, HKV, D, CHUNK = 9, 3, 64, 256
-POLICIES = {
-    "sinks 4 + window 1020": sa.SinkWindow(4, 1020),
-    "retrieval, every block": sa.Retrieval(4, 1020, 128, 4),
-    "retrieval, max_blocks 64": sa.Retrieval(4, 1020, 128, 4, max_blocks=64),
-}
+
+
+def policies(store: str) -> dict[str, sa.Policy]:
+    return {
+        "sinks 4 + window 1020": sa.SinkWindow(4, 1020),
+        "retrieval, every block": sa.Retrieval(4, 1020, 128, 4, store=store),
+        "retrieval, max_blocks 64": sa.Retrieval(4, 1020, 128, 4, max_blocks=64, store=store),
+    }
 
 
 def timed(fn) -> float:
@@ -46,12 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", default="4K,16K,64K,256K,1M")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--store", choices=["device", "cpu", "disk"], default="device", help="where stores live")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     console = Console(width=150)
     torch.manual_seed(0)
     rope = sa.RoPE(D, 1e4)
-    ops = {name: sa.StreamingAttention(p, rope, "cache") for name, p in POLICIES.items()}
+    ops = {name: sa.StreamingAttention(p, rope, "cache") for name, p in policies(args.store).items()}
     rows = []
     fed = 0
     with torch.inference_mode():
@@ -100,7 +105,8 @@ def main() -> None:
             save[name] = (t_save, t_load, len(buf.getvalue()))
     lines = [
         f"Machine: {machine()}. One attention layer of SmolLM2's shape (9/3 heads, D 64), fp32, B=1, random "
-        f"inputs streamed in chunks of {CHUNK}; medians of {args.rounds} interleaved rounds from the same state.",
+        f"inputs streamed in chunks of {CHUNK}; medians of {args.rounds} interleaved rounds from the same state; "
+        f"retrieval stores on {args.store}.",
         "",
         "| position | policy | decode step (ms) | chunk of 256 (tok/s) | state MiB | state bytes / token |",
         "|---:|---|---:|---:|---:|---:|",

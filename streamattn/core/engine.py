@@ -457,7 +457,9 @@ class SinkWindowEngine:
                 win[i], lse[i] = out_i, lse_i
             if full < t:
                 r = t - full
-                qr = apply_rotary(grouped[i : i + 1, :, :, full:], cos[i % cos.shape[0], :, full:], sin[i % sin.shape[0], :, full:])
+                qr = apply_rotary(
+                    grouped[i : i + 1, :, :, full:], cos[i % cos.shape[0], :, full:], sin[i % sin.shape[0], :, full:]
+                )
                 out_r, lse_r = attend_lse(
                     qr.reshape(1, hkv, g * r, d),
                     keys[i : i + 1, :, full + 1 : t + w],
