@@ -233,11 +233,12 @@ def test_config_round_trips_and_bad_states_are_refused_before_any_change():
 @pytest.mark.parametrize("positions", POSITIONS)
 def test_both_memory_paths_equal_the_replay(monkeypatch, union, positions):
     """The memory part attends either the union of the blocks a segment chose (masked per query) or
-    each query's own blocks (gathered); which one runs depends on how much the queries agree, so
-    each is forced here."""
+    each query's own blocks (gathered, in tiles of queries); which one runs depends on how much the
+    queries agree, so each is forced here."""
     import streamattn.core.memory as memory
 
     monkeypatch.setattr(memory, "_UNION", union)
+    monkeypatch.setattr(memory, "_GATHER_BYTES", 3 * 2 * 3 * D * 8)  # tiles of 3 queries in the gathered path
     calls = []
     for name in ("_attend_union", "_attend_gathered"):
         real = getattr(memory.RetrievalEngine, name)

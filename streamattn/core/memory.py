@@ -42,6 +42,9 @@ from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
 from streamattn.policies import Retrieval
 
 NO_BLOCK = -1  # block number of an empty store slot
+# gathered keys per tile of queries in the per-query path: below the allocator's mmap threshold, so
+# the tiles reuse memory instead of faulting in fresh pages
+_GATHER_BYTES = 4 << 20
 _UNION = 2  # attend the union of the chosen blocks while it is at most this many times topk, else gather per query
 _STORE = ("mem_k", "mem_v", "lo", "hi", "block_id", "stamp")
 _PLACED = ("mem_k", "mem_v")  # the store's bulk: where ``Retrieval(store=...)`` says; the rest stays with the attention
@@ -517,20 +520,27 @@ class RetrievalEngine:
 
     def _attend_gathered(self, st, qm, flat, ok, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query against its own ``K`` blocks (``flat [B, Hkv, T, K]``: rows of the flattened
-        store), batched over (stream, kv head, query): ``K * block`` keys per query whatever the store."""
+        store), batched over (stream, kv head, query): ``K * block`` keys per query whatever the store.
+        In tiles of ``_GATHER_BYTES`` of gathered keys: memory the allocator reuses from tile to tile
+        (one large gather is mostly page faults: measured 4x slower on CPU)."""
         bsz, hq, t, d = qm.shape
         hkv, size, kk = st.kv_heads, self.block, flat.shape[-1]
         g, cdt = hq // hkv, qm.dtype
         n = bsz * hkv * t
-        keys, values = self._fetch(st, flat, cdt, qm.device)
-        keys, values = keys.view(n, kk * size, d), values.view(n, kk * size, d)
         rows = qm.view(bsz, hkv, g, t, d).transpose(2, 3).reshape(n, g, d)
-        scores = torch.bmm(rows, keys.transpose(1, 2)) * scale  # [N, G, K * block]
-        hidden = ~ok.reshape(n, kk, 1).expand(n, kk, size).reshape(n, 1, kk * size)
-        scores = scores.masked_fill(hidden, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [N, G]; -inf where the query retrieved nothing
-        p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
-        o = torch.bmm(p, values)  # [N, G, D]
+        flat, hidden = flat.reshape(n, kk), ~ok.reshape(n, kk, 1).expand(n, kk, size).reshape(n, 1, kk * size)
+        o = torch.empty(n, g, d, dtype=cdt, device=qm.device)
+        lse = torch.empty(n, g, dtype=cdt, device=qm.device)
+        step = max(1, _GATHER_BYTES // (kk * size * d * qm.element_size()))
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            keys, values = self._fetch(st, flat[a:b], cdt, qm.device)
+            keys, values = keys.view(b - a, kk * size, d), values.view(b - a, kk * size, d)
+            scores = torch.bmm(rows[a:b], keys.transpose(1, 2)).mul_(scale)  # [n, G, K * block]
+            scores.masked_fill_(hidden[a:b], float("-inf"))
+            torch.logsumexp(scores, dim=-1, out=lse[a:b])  # -inf where the query retrieved nothing
+            p = scores.sub_(torch.where(torch.isfinite(lse[a:b]), lse[a:b], 0)[..., None]).exp_()
+            torch.bmm(p, values, out=o[a:b])
         o = o.view(bsz, hkv, t, g, d).transpose(2, 3).reshape(bsz, hq, t, d)
         return o, lse.view(bsz, hkv, t, g).transpose(2, 3).reshape(bsz, hq, t)
 
