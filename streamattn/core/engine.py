@@ -31,7 +31,7 @@ from streamattn.core.kernels import (
     write_wrapped,
 )
 from streamattn.core.registry import register_engine
-from streamattn.core.rope import RoPE, apply_rotary
+from streamattn.core.rope import RoPE, apply_rotary, range_cos_sin
 from streamattn.core.state import EMPTY, StateSpec, StreamState
 from streamattn.policies import Full, SinkWindow
 from streamattn.policies.base import WindowPolicy
@@ -49,13 +49,6 @@ def _rotation_table(rope: RoPE, start: int, dtype: torch.dtype, device: torch.de
     """
     table = rope.rotation_matrices(torch.arange(start, start + _TABLE, device=device), dtype)
     return table, list(table.unbind(0))
-
-
-@functools.lru_cache(maxsize=4)
-def _range_cos_sin(rope: RoPE, start: int, t: int, dtype: torch.dtype, device: torch.device):
-    """cos/sin ``[1, 1, T, D]`` of positions ``start .. start + t - 1``: the 30 layers of a forward
-    ask for the same ones, so one build serves them all."""
-    return rope.cos_sin(torch.arange(start, start + t, device=device)[None, None], dtype)
 
 
 def _slot_positions(sinks: int, window: int | None, seen: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -372,7 +365,7 @@ class SinkWindowEngine:
         if self.rope is not None:
             start = st.seen[0] - st.base[0]
             if all(a - b == start for a, b in zip(st.seen, st.base, strict=True)):
-                cos, sin = _range_cos_sin(self.rope, start, t, cdt, dev)
+                cos, sin = range_cos_sin(self.rope, start, t, cdt, dev)
             else:
                 cos, sin = self.rope.cos_sin((qpos - torch.tensor(st.base, device=dev)[:, None])[:, None], cdt)
             if self._banded(st, n, t):  # the common chunk of a long stream: keys in stream order, sub-blocks
@@ -472,8 +465,7 @@ class SinkWindowEngine:
         view = out.permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
         sinks_k, sinks_v = st.sink_k.to(cdt)[:, :, None, None], st.v[:, :, None, None, :s].to(cdt)
         add_keys(
-            win.permute(0, 2, 3, 1, 4, 5),
-            lse.permute(0, 2, 3, 1, 4),
+            [(win.permute(0, 2, 3, 1, 4, 5), lse.permute(0, 2, 3, 1, 4))],
             split,
             sinks_k,
             sinks_v,
@@ -482,8 +474,7 @@ class SinkWindowEngine:
         )
         if rest:
             add_keys(
-                torch.stack([x for x, _ in rest]),
-                torch.stack([x for _, x in rest]),
+                [(torch.stack([x for x, _ in rest]), torch.stack([x for _, x in rest]))],
                 grouped[:, :, :, full:],
                 sinks_k[:, :, 0],
                 sinks_v[:, :, 0],

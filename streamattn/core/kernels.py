@@ -9,6 +9,7 @@ reads kv head ``h // (Hq / Hkv)``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +185,7 @@ def attend_lse(
 
 
 def add_keys(
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -193,18 +193,25 @@ def add_keys(
     *,
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over keys ``A + K`` from the attention over ``A`` (``out [..., R, D]``, its
-    log-sum-exp ``lse [..., R]``, finite) and a few more keys ``k, v [..., S, D]`` that every row
-    ``q [..., R, D]`` sees (leading dims broadcast): one softmax over ``[q k^T * scale, lse]`` weighs
-    the S values and ``out`` (four ops, where scoring the S keys apart and ``merge_lse`` take a
-    dozen). ``into``: a tensor of the result's shape, any strides, written in place (e.g. the
-    caller's output layout), so no copy follows."""
+    """Attention over keys ``A_1 + ... + A_n + K`` from the attentions over each ``A_i`` (``parts``:
+    ``(out [..., R, D], lse [..., R])``, ``lse`` may be ``-inf`` for a row whose ``A_i`` is empty)
+    and a few more keys ``k, v [..., S, D]`` (``S >= 1``) that every row ``q [..., R, D]`` sees
+    (leading dims broadcast): one softmax over ``[q k^T * scale, lse_1, ..., lse_n]`` weighs the S
+    values and the outputs (a handful of ops, where scoring the S keys apart and merging by
+    log-sum-exp take a dozen). ``into``: a tensor of the result's shape, any strides, written in
+    place (e.g. the caller's output layout), so no copy follows."""
     s = k.shape[-2]
     # the S keys in the rows, the queries in the last dim: a softmax over a last dim of S is slow
     scores = torch.matmul(k, q.transpose(-1, -2)).mul_(scale)  # [..., S, R]
-    w = torch.softmax(torch.cat((scores, lse.unsqueeze(-2).to(scores.dtype)), dim=-2), dim=-2)
-    part = torch.matmul(w[..., :s, :].transpose(-1, -2), v)  # [..., R, D]
-    return torch.addcmul(part, out, w[..., s:, :].transpose(-1, -2), out=into)
+    lses = [lse.unsqueeze(-2).to(scores.dtype) for _, lse in parts]
+    w = torch.softmax(torch.cat((scores, *lses), dim=-2), dim=-2)
+    result = torch.matmul(w[..., :s, :].transpose(-1, -2), v)  # [..., R, D]
+    for i, (out, _) in enumerate(parts):
+        weight = w[..., s + i : s + i + 1, :].transpose(-1, -2)
+        if i == len(parts) - 1:
+            return torch.addcmul(result, out, weight, out=into)
+        result.addcmul_(out, weight)
+    raise ValueError("add_keys needs at least one part")
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:

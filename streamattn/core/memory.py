@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from streamattn.core.kernels import attend_lse, attend_with_lse, compute_dtype, rebase_keys, write_wrapped
+from streamattn.core.kernels import add_keys, attend_lse, attend_with_lse, compute_dtype, rebase_keys, write_wrapped
 from streamattn.core.placement import Placement
 from streamattn.core.registry import register_engine
-from streamattn.core.rope import RoPE, apply_rotary
+from streamattn.core.rope import RoPE, apply_rotary, range_cos_sin
 from streamattn.core.state import EMPTY, StateSpec, StreamState, in_segments
 from streamattn.policies import Retrieval
 
@@ -376,10 +376,14 @@ class RetrievalEngine:
             pad = ~valid[:, None, :, None]
             q, k_raw, v = q.masked_fill(pad, 0), k_raw.masked_fill(pad, 0), v.masked_fill(pad, 0)
         base = torch.tensor(loc.base, device=dev)[:, None]
+        # streams in step, no padding: every position below is known from the first query's index
+        t0 = loc.seen[0] if all(x == loc.seen[0] for x in loc.seen) and min(n) == t else None
+        if t0 is not None and any(b != loc.base[0] for b in loc.base):
+            t0 = None
         if self.rope is None:
             qw, kw = q, k_raw
         else:  # one cos/sin for both
-            cos, sin = self.rope.cos_sin((qpos - base)[:, None], cdt)
+            cos, sin = self._cos_sin(qpos - base, t0 is not None and (t0 - loc.base[0], t0 - loc.base[0] + t - 1), cdt)
             qw, kw = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
 
         # sinks of this segment are written first (a query sees the sinks up to itself)
@@ -397,27 +401,64 @@ class RetrievalEngine:
         n_sinks = qpos.clamp(max=s - 1) + 1 if s else torch.zeros_like(qpos)  # sinks visible
         n_win = (qpos + 1 - s).clamp(min=0, max=w)
         ppos = (n_sinks + some * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
+        at = (n_win + self.block - 1) if self.cache_mode else qpos  # blocks are stored at u (cache) or j
+        ends = {"ppos": False, "at": False}  # (first, last) of each, when streams are in step
+        if t0 is not None:
+            last = t0 + t - 1
+            win_py = lambda j: min(max(j + 1 - s, 0), w)  # noqa: E731
+            sinks_py = lambda j: min(j, s - 1) + 1 if s else 0  # noqa: E731
+            ppos_py = lambda j: sinks_py(j) + (self.block if held[0] else 0) + win_py(j) - 1  # noqa: E731
+            ends["ppos"] = (ppos_py(t0), ppos_py(last)) if self.cache_mode else (t0, last)
+            ends["at"] = (win_py(t0) + self.block - 1, win_py(last) + self.block - 1) if self.cache_mode else (t0, last)
         # the segment's tokens go into the ring first: they overwrite tokens at least ``window + block``
         # older, which no query of the segment sees and whose block has entered memory already
         self._write_ring(loc, kw, v, qpos, valid, n)
         parts = [self._attend_window(loc, qw, seen + torch.tensor(n, device=dev), qpos, valid, scale)]
+        if max(held) > 0:
+            qm = self._rotate_query(q, at, ends["at"], cdt)
+            parts.append(self._attend_memory(st, q, qm, qpos, valid, max(held), scale))
+        if s and t0 is not None and t0 >= s:  # every query sees every sink: one softmax adds them
+            bsz, hq = q.shape[:2]
+            hkv, g = loc.kv_heads, hq // loc.kv_heads
+            qs = self._rotate_query(q, ppos, ends["ppos"], cdt).view(bsz, hkv, g, t, -1)
+            sink_k, sink_v = (x[:, :, None, :s].to(cdt) for x in (loc.k, loc.v))
+            groups = [(o.reshape(bsz, hkv, g, t, -1), lse.reshape(bsz, hkv, g, t)) for o, lse in parts]
+            out = add_keys(groups, qs, sink_k, sink_v, scale).view(q.shape)
+            loc.seen = [x + m for x, m in zip(loc.seen, n, strict=True)]
+            return out.to(dtype)
         if s:  # sinks, rotated at j, against the query at its position (every query sees sink 0)
             bsz, hq = q.shape[:2]
             hkv = loc.kv_heads
-            qs = self._rotate(q, ppos[:, None]).reshape(bsz, hkv, hq // hkv * t, -1)
+            qs = self._rotate_query(q, ppos, ends["ppos"], cdt).reshape(bsz, hkv, hq // hkv * t, -1)
             hidden = torch.arange(s, device=dev)[None, None, :] > qpos[:, :, None]  # [B, T, S]
             bias = torch.zeros(hidden.shape, dtype=cdt, device=dev).masked_fill_(hidden, float("-inf"))
             bias = bias[:, None].expand(bsz, hq // hkv, t, s).reshape(bsz, 1, -1, s)
             o_s, l_s = attend_lse(qs, loc.k[:, :, :s].to(cdt), loc.v[:, :, :s].to(cdt), bias, scale)
             parts.append((o_s.reshape(q.shape), l_s.reshape(bsz, hq, t)))
-        if max(held) > 0:
-            at = (n_win + self.block - 1) if self.cache_mode else qpos  # blocks are stored at u (cache) or j
-            parts.append(self._attend_memory(st, q, self._rotate(q, at[:, None]), qpos, valid, max(held), scale))
         lse = torch.logsumexp(torch.stack([part[1] for part in parts]), dim=0)  # [B, Hq, T]
         out = sum(o * torch.exp(part - lse)[..., None] for o, part in parts)
 
         loc.seen = [x + m for x, m in zip(loc.seen, n, strict=True)]
         return out.masked_fill(~valid[:, None, :, None], 0).to(dtype)
+
+    def _cos_sin(self, pos: torch.Tensor, ends, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at ``pos [B, T]``, broadcastable over heads. ``ends``: ``(first, last)`` position
+        when every stream has the same positions (else False): one position, or consecutive ones,
+        come from the cache that the layers of a forward share."""
+        if ends:
+            first, last = ends
+            if first == last:
+                return range_cos_sin(self.rope, first, 1, dtype, pos.device)
+            if last - first == pos.shape[1] - 1:  # steps of 0 or 1 that add up to T - 1: all 1
+                return range_cos_sin(self.rope, first, pos.shape[1], dtype, pos.device)
+        return self.rope.cos_sin(pos[:, None], dtype)
+
+    def _rotate_query(self, q: torch.Tensor, pos: torch.Tensor, ends, dtype: torch.dtype) -> torch.Tensor:
+        """``q [B, Hq, T, D]`` rotated at ``pos [B, T]`` (``ends``: as ``_cos_sin``); identity without RoPE."""
+        if self.rope is None:
+            return q
+        cos, sin = self._cos_sin(pos, ends, dtype)
+        return apply_rotary(q, cos, sin)
 
     def _write_ring(self, loc: StreamState, kw, v, qpos, valid, n: list[int]) -> None:
         """Commit the segment's valid tokens past the sinks to their ring slots."""

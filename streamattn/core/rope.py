@@ -11,6 +11,7 @@ to a per-stream base that it moves forward (``rebase_every``), so ``p`` stays bo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,14 @@ class RoPE:
         m.diagonal(offset=h, dim1=-2, dim2=-1).copy_(sin)  # out[h+i] += x[i] * sin_i
         m.diagonal(offset=-h, dim1=-2, dim2=-1).copy_(-sin)  # out[i]   -= x[h+i] * sin_i
         return m
+
+
+@functools.lru_cache(maxsize=16)
+def range_cos_sin(rope: RoPE, start: int, t: int, dtype: torch.dtype, device: torch.device):
+    """cos/sin ``[1, 1, T, D]`` of positions ``start .. start + t - 1`` (``t = 1``: one position,
+    broadcast over any T). Cached: the layers of a forward ask for the same ones, so one build
+    serves them all; never written to."""
+    return rope.cos_sin(torch.arange(start, start + t, device=device)[None, None], dtype)
 
 
 def apply_rotary(
