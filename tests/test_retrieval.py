@@ -257,8 +257,9 @@ def test_both_memory_paths_equal_the_replay(monkeypatch, union, positions):
 @pytest.mark.parametrize("max_blocks", [None, 4], ids=["growing", "max4"])
 def test_store_placement_changes_nothing(store, max_blocks, tmp_path):
     """The store on the CPU or memory-mapped on disk gives the device store's results bitwise, also
-    through growth, streams joining and leaving and save/restore; the disk store's tensors are
-    file-backed (files unlinked at once: the directory stays empty) and so is a restored one."""
+    through growth, streams joining and leaving and save/restore (a state saved from the device
+    store resumes in the other placement); the disk store's tensors are file-backed (files
+    unlinked at once: the directory stays empty) and so is a restored one."""
     from streamattn.core.placement import mapped_file
 
     kw = {"store_dir": str(tmp_path)} if store == "disk" else {}
@@ -277,9 +278,8 @@ def test_store_placement_changes_nothing(store, max_blocks, tmp_path):
         assert all(mapped_file(t) for t in (ops[1].state.mem_k, ops[1].state.mem_v))
         assert mapped_file(ops[1].state.lo) is None  # bounds stay with the attention
         assert list(tmp_path.iterdir()) == []
-    saved = ops[1].state_dict()
     restored = sa.StreamingAttention(pols[1], sa.RoPE(D), "cache")
-    restored.load_state_dict(saved)
+    restored.load_state_dict(ops[0].state_dict())  # saved with the store on the device, resumed here
     if store == "disk":
         assert mapped_file(restored.state.mem_k) is not None
     rest = [x[[2, 0, 0], :, 50:] for x in (q, k, v)]

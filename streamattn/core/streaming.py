@@ -17,7 +17,7 @@ from streamattn.core.per_head import PerHeadState
 from streamattn.core.registry import engine_for
 from streamattn.core.rope import RoPE
 from streamattn.core.state import StreamState
-from streamattn.policies import Policy, SinkWindow, policy_from_config
+from streamattn.policies import Policy, SinkWindow, policy_from_config, state_config
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FORMAT = "streamattn.StreamingAttention/1"
@@ -204,7 +204,7 @@ class StreamingAttention(nn.Module):
     # ------------------------------------------------------------------ save / restore
     def _config(self) -> dict[str, Any]:
         return {
-            "policy": self.policy.to_config(),
+            "policy": state_config(self.policy.to_config()),
             "rope": None if self.rope is None else self.rope.to_config(),
             "positions": self.positions,
             "scale": self.scale,

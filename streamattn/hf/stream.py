@@ -224,7 +224,7 @@ class Stream:
         config = self.model.config.get_text_config()
         return {
             "layers": [
-                {"policy": layer.attn.policy.to_config(), "rope": layer.attn.rope.to_config()}
+                {"policy": sa.policies.state_config(layer.attn.policy.to_config()), "rope": layer.attn.rope.to_config()}
                 for layer in self.cache.layers
             ],
             "positions": self.positions,

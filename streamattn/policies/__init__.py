@@ -10,7 +10,7 @@ from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
 from streamattn.policies.per_head import PerHead
 from streamattn.policies.per_layer import PerLayer
-from streamattn.policies.retrieval import Retrieval
+from streamattn.policies.retrieval import PLACEMENT_FIELDS, Retrieval
 from streamattn.policies.sink_window import SinkWindow
 
 _REGISTRY: dict[str, type] = {
@@ -36,6 +36,18 @@ def policy_from_config(config: dict[str, Any]) -> Policy:
         raise ValueError(f"malformed policy config {config!r}: {exc}") from None
 
 
+def state_config(config: Any) -> Any:
+    """``to_config()`` output without what places a policy's buffers but changes no result (a
+    ``Retrieval``'s ``store`` / ``store_dir``): what a saved state must match to be loaded, so a
+    stream saved with its store on the GPU resumes with the store on disk, and back."""
+    if isinstance(config, dict):
+        placement = config.get("type") == "Retrieval"
+        return {k: state_config(v) for k, v in config.items() if not (placement and k in PLACEMENT_FIELDS)}
+    if isinstance(config, (list, tuple)):
+        return [state_config(x) for x in config]
+    return config
+
+
 from streamattn.policies.spec import parse_policy  # noqa: E402  (the spec grammar builds on the registry)
 
 __all__ = [
@@ -51,4 +63,5 @@ __all__ = [
     "parse_policy",
     "policy_from_config",
     "scores",
+    "state_config",
 ]

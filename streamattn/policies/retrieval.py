@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from streamattn.policies.base import check_int
 
 STORES = ("device", "cpu", "disk")  # where a Retrieval store's keys and values live
+PLACEMENT_FIELDS = ("store", "store_dir")  # change where bytes are, never a result: not part of a state's identity
 
 
 @dataclass(frozen=True)
