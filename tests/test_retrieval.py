@@ -299,3 +299,22 @@ def test_store_placement_changes_nothing(store, max_blocks, tmp_path):
 def test_bad_store_placements(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sa.Retrieval(**kwargs)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_ties_at_the_cut_take_the_newer_block(positions):
+    """Every memory block holds the same keys (no RoPE: bit-identical bounds), so every block is
+    equally relevant to every query: the tie rule alone picks, and it must pick the newest ``topk``
+    blocks, as the replay does (values differ per token, so another pick changes the output)."""
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=6)
+    q, _, v = make_qkv(2, 4, 2, T, D, torch.float64, seed=13)
+    pattern = torch.randn(2, 2, pol.block, D, dtype=torch.float64)
+    body = pattern.repeat(1, 1, T // pol.block + 1, 1)[:, :, : T - pol.sinks]
+    k = torch.cat((torch.randn(2, 2, pol.sinks, D, dtype=torch.float64), body), dim=2)
+    retrieved: list = []
+    ref = reference.replay_retrieval(q, k, v, pol, rope=None, positions=positions, retrieved_out=retrieved)
+    n = pol.blocks_in_memory(T - 1)
+    assert sorted(retrieved[0][0][T - 1]) == [n - 2, n - 1]
+    for spec in (1, 7, "random"):
+        out = stream(sa.StreamingAttention(pol, None, positions), q, k, v, chunk_sizes(spec, T, seed=5))
+        assert max_err(out, ref) < 1e-12, spec

@@ -509,11 +509,16 @@ class RetrievalEngine:
         pos, neg = qg.clamp(min=0).sum(2).transpose(-1, -2), qg.clamp(max=0).sum(2).transpose(-1, -2)
         hi, lo, block_id = st.hi[:, :, :c], st.lo[:, :, :c], st.block_id[:, :, :c]
         rel = torch.matmul(hi.to(q.dtype), pos).add_(torch.matmul(lo.to(q.dtype), neg))  # [B, Hkv, C, T]
-        rel = rel.masked_fill_((block_id == NO_BLOCK)[..., None], float("-inf")).transpose(-1, -2)  # [B, Hkv, T, C]
+        empty = block_id == NO_BLOCK
+        if bool(empty.any()):  # streams at different fills, or a bounded store still filling
+            rel.masked_fill_(empty[..., None], float("-inf"))
+        rel = rel.transpose(-1, -2)  # [B, Hkv, T, C]
         kk = min(self.topk, c)
-        best, chosen = rel.topk(kk, dim=-1)
-        kth = best[..., -1:]
-        if bool(((rel >= kth) & torch.isfinite(kth)).sum(-1).gt(kk).any()):  # a tie at the cut: the stated rule
+        # one more than needed: a tie at the cut is the (k+1)-th best equal to the k-th (and finite)
+        best, chosen = rel.topk(min(kk + 1, c), dim=-1)
+        tie = kk < c and bool(((best[..., kk] == best[..., kk - 1]) & torch.isfinite(best[..., kk])).any())
+        best, chosen = best[..., :kk], chosen[..., :kk]
+        if tie:  # the stated rule: among equal relevance the newer block
             order = torch.sort(block_id, dim=-1, descending=True, stable=True).indices  # newer block first
             order = order[:, :, None, :].expand(-1, -1, t, -1)
             top = torch.sort(rel.gather(-1, order), dim=-1, descending=True, stable=True).indices[..., :kk]
