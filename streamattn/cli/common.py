@@ -12,8 +12,9 @@ from pathlib import Path
 from streamattn import parse_policy
 
 POLICY_HELP = (
-    "'sinks=S,window=W', 'window=W', 'full', or compressed 'sinks=S,window=W,budget=B,score=NAME,every=E' "
-    "(NAME: knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]])"
+    "'sinks=S,window=W', 'window=W', 'full', compressed 'sinks=S,window=W,budget=B,score=NAME,every=E' "
+    "(NAME: knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]), or retrieval "
+    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,store=device|cpu|disk]'"
 )
 
 __all__ = ["HF_MODULES", "POLICY_HELP", "add_model_args", "add_profile_arg", "cache_line", "needs_hf", "parse_policy"]

@@ -12,8 +12,8 @@ stream, asks the question, restores, and feeds on. One pass per trial covers eve
 the question never enters the stream that continues.
 
 Distances take K = 1024 and M = 1024^2 suffixes ("256,1K,4K" = 256, 1024, 4096 tokens between
-the end of the needle and the start of the question). Policies: 'sinks=S,window=W', 'window=W' or
-'full'; specs contain commas, so give each extra policy its own --compare flag (or separate them
+the end of the needle and the start of the question). Policies: any `--policy` spec (sinks + window,
+'full', compressed, retrieval); specs contain commas, so give each extra policy its own --compare flag (or separate them
 with ';'). Full attention is asked only within the model's trained length (max_position_embeddings;
 8192 for SmolLM2): beyond it the table says n/a. Writes recall.csv, recall.png and summary.md to
 --out and prints the summary table.
