@@ -407,7 +407,7 @@ class SinkWindowEngine:
         index ``seen - window + c``), where query ``i`` sees columns ``i + 1 .. i + window``; so a
         sub-block of ``m`` queries attends one slice of ``window + m - 1`` columns with a band mask
         that depends only on ``m`` (built once). Every sink is visible, in its frame at position 0
-        (past the anchor the query is not rotated for the sinks); merged by log-sum-exp as there.
+        (past the anchor the query is not rotated for the sinks), added by one softmax (``add_keys``).
 
         Layouts are chosen so that nothing is copied twice: q and k are rotated straight into the
         sub-block layout and the stream-ordered keys, and the merge writes the output in

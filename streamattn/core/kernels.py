@@ -205,13 +205,11 @@ def add_keys(
     scores = torch.matmul(k, q.transpose(-1, -2)).mul_(scale)  # [..., S, R]
     lses = [lse.unsqueeze(-2).to(scores.dtype) for _, lse in parts]
     w = torch.softmax(torch.cat((scores, *lses), dim=-2), dim=-2)
+    weights = w[..., s:, :].transpose(-1, -2)  # [..., R, n]: the weight of each part's output
     result = torch.matmul(w[..., :s, :].transpose(-1, -2), v)  # [..., R, D]
-    for i, (out, _) in enumerate(parts):
-        weight = w[..., s + i : s + i + 1, :].transpose(-1, -2)
-        if i == len(parts) - 1:
-            return torch.addcmul(result, out, weight, out=into)
-        result.addcmul_(out, weight)
-    raise ValueError("add_keys needs at least one part")
+    for i, (out, _) in enumerate(parts[:-1]):
+        result.addcmul_(out, weights[..., i : i + 1])
+    return torch.addcmul(result, parts[-1][0], weights[..., -1:], out=into)
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:

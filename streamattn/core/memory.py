@@ -225,11 +225,7 @@ class MemorySpec:
                 raise ValueError(f"malformed retrieval state: {name} must be a {dtype} {list(shape)} tensor on {where}")
         for name in expected:
             t = raw[name]
-            if name in _PLACED:
-                out = self.placement.zeros(t.shape, t.dtype, local.device)
-                store[name] = out.copy_(t)
-            else:
-                store[name] = t.clone()
+            store[name] = self.placement.copy(t, local.device) if name in _PLACED else t.clone()
         return MemoryState(local, **store, placement=self.placement)
 
 

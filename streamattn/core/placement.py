@@ -35,13 +35,15 @@ class Placement:
         pin = self.kind == "cpu" and torch.device(attention).type == "cuda"
         return torch.zeros(tuple(shape), dtype=dtype, device=self.device(attention), pin_memory=pin)
 
+    def copy(self, t: torch.Tensor, attention: torch.device) -> torch.Tensor:
+        """A new tensor in this placement holding ``t``."""
+        return self.zeros(t.shape, t.dtype, attention).copy_(t)
+
     def adopt(self, t: torch.Tensor, attention: torch.device) -> torch.Tensor:
         """``t`` in this placement (``t`` itself when it is already there and not to be mapped)."""
         if self.kind != "disk" and t.device == self.device(attention):
             return t
-        out = self.zeros(t.shape, t.dtype, attention)
-        out.copy_(t)
-        return out
+        return self.copy(t, attention)
 
 
 def mapped_file(t: torch.Tensor) -> str | None:
