@@ -216,13 +216,15 @@ def replay_retrieval(
 
     Each kv head keeps a dict ``block -> stamp`` of the blocks in its memory; the rule of
     ``streamattn.policies.retrieval`` is followed step by step: at a block's entry index add it (and
-    drop the least recently retrieved block if memory is over ``max_blocks``), score every block in
-    memory by the sum over the kv head's query heads of ``sum_d max(q_d lo_d, q_d hi_d)`` (query and
-    keys rotated at the positions where the query would attend the block), take the
-    ``topk`` best (ties: the newer block), stamp them, and attend to sinks + their tokens + window
-    (cache positions: every retrieved block at the same ``block`` ranks after the sinks).
-    ``[B, Hq, T, D]`` float64. ``retrieved_out``, if given, receives ``retrieved_out[b][h][t]``: the
-    blocks query ``t`` of stream ``b`` retrieved for kv head ``h``, ascending.
+    drop the least recently retrieved block not chosen for the query block in progress if memory is
+    over ``max_blocks``); at the first query of each query block (``t % every == 0``) score every
+    block in memory by the sum over the kv head's query heads of ``sum_d max(q_d lo_d, q_d hi_d)``
+    (query and keys rotated at the positions where the query would attend the block), take the
+    ``topk`` best (ties: the newer block) and stamp them; every query attends to sinks + the tokens
+    of its query block's choice + window (cache positions: every retrieved block at the same
+    ``block`` ranks after the sinks). ``[B, Hq, T, D]`` float64. ``retrieved_out``, if given,
+    receives ``retrieved_out[b][h][t]``: the blocks query ``t`` of stream ``b`` attended for kv head
+    ``h``, ascending.
     """
     b, hq, t_len, d = q.shape
     hkv = k.shape[1]
@@ -236,37 +238,23 @@ def replay_retrieval(
             retrieved_out.append([])
         for h in range(hkv):
             heads = list(range(h * group, (h + 1) * group))
-            memory: dict[int, int] = {}  # block -> stamp (the last query that retrieved it)
+            memory: dict[int, int] = {}  # block -> stamp (the last query that chose it)
             log: list[list[int]] = []
+            chosen: list[int] = []  # the choice of the query block in progress
             for t in range(t_len):
+                decides = t % policy.every == 0
                 entered = policy.blocks_in_memory(t)
                 if entered and policy.entry(entered - 1) == t:  # block entered - 1 enters memory now
                     memory[entered - 1] = t
                     if policy.max_blocks is not None and len(memory) > policy.max_blocks:
-                        del memory[min(memory, key=lambda blk: (memory[blk], blk))]
-                qq = q[bi, heads, t]  # [G, D]
-                blocks = list(memory)
-                if blocks:  # keys rotated where the query attends them (cache: every block at the same offsets)
-                    keys = torch.stack([k[bi, h, s + blk * size : s + (blk + 1) * size] for blk in blocks])
-                    if rope is not None and positions == "absolute":
-                        keys = torch.stack(
-                            [
-                                _rope64(kb, torch.arange(s + blk * size, s + (blk + 1) * size), rope.theta)
-                                for kb, blk in zip(keys, blocks, strict=True)
-                            ]
-                        )
-                        qq = _rope64(qq[:, None], torch.tensor([t]), rope.theta)[:, 0]
-                    elif rope is not None:  # token u at distance (window + block - 1 - u): u vs w + block - 1
-                        keys = _rope64(keys, torch.arange(size), rope.theta)
-                        qq = _rope64(qq[:, None], torch.tensor([w + size - 1]), rope.theta)[:, 0]
-                    lo, hi = keys.min(dim=1).values[:, None], keys.max(dim=1).values[:, None]  # [n, 1, D]
-                    scores = torch.maximum(qq * lo, qq * hi).sum(dim=(1, 2))  # over the G heads and D
-                relevance = {blk: float(scores[i]) for i, blk in enumerate(blocks)}
-                chosen = sorted(memory, key=lambda blk: (-relevance[blk], -blk))[: policy.topk]
-                for blk in chosen:
-                    memory[blk] = t
-                chosen.sort()
-                log.append(chosen)
+                        kept = set() if decides else set(chosen)  # at a first query the entry comes first
+                        leaves = [blk for blk in memory if blk not in kept]
+                        del memory[min(leaves, key=lambda blk: (memory[blk], blk))]
+                if decides:
+                    chosen = _choose_blocks(q, k, policy, bi, h, heads, t, memory, rope, positions, w)
+                    for blk in chosen:
+                        memory[blk] = t
+                log.append(list(chosen))
                 sinks = list(range(min(s, t + 1)))
                 memory_idx = [j for blk in chosen for j in range(s + blk * size, s + (blk + 1) * size)]
                 window = list(range(max(s, t - w + 1), t + 1))
@@ -287,3 +275,30 @@ def replay_retrieval(
             if retrieved_out is not None:
                 retrieved_out[bi].append(log)
     return out
+
+
+def _choose_blocks(q, k, policy, bi, h, heads, t, memory, rope, positions, w) -> list[int]:
+    """Query ``t``'s choice for its query block: the ``topk`` blocks in ``memory`` of highest
+    relevance (ties: the newer block), ascending."""
+    s, size = policy.sinks, policy.block
+    qq = q[bi, heads, t]  # [G, D]
+    blocks = list(memory)
+    if not blocks:
+        return []
+    # keys rotated where the query attends them (cache: every block at the same offsets)
+    keys = torch.stack([k[bi, h, s + blk * size : s + (blk + 1) * size] for blk in blocks])
+    if rope is not None and positions == "absolute":
+        keys = torch.stack(
+            [
+                _rope64(kb, torch.arange(s + blk * size, s + (blk + 1) * size), rope.theta)
+                for kb, blk in zip(keys, blocks, strict=True)
+            ]
+        )
+        qq = _rope64(qq[:, None], torch.tensor([t]), rope.theta)[:, 0]
+    elif rope is not None:  # token u at distance (window + block - 1 - u): u vs w + block - 1
+        keys = _rope64(keys, torch.arange(size), rope.theta)
+        qq = _rope64(qq[:, None], torch.tensor([w + size - 1]), rope.theta)[:, 0]
+    lo, hi = keys.min(dim=1).values[:, None], keys.max(dim=1).values[:, None]  # [n, 1, D]
+    scores = torch.maximum(qq * lo, qq * hi).sum(dim=(1, 2))  # over the G heads and D
+    relevance = {blk: float(scores[i]) for i, blk in enumerate(blocks)}
+    return sorted(sorted(memory, key=lambda blk: (-relevance[blk], -blk))[: policy.topk])

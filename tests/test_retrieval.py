@@ -24,6 +24,8 @@ POLICIES = [
     pytest.param(sa.Retrieval(sinks=0, window=4, block=2, topk=1), id="win4_block2_top1"),
     pytest.param(sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4), id="max4"),
     pytest.param(sa.Retrieval(sinks=1, window=3, block=4, topk=3, max_blocks=3), id="top3_max3"),
+    pytest.param(sa.Retrieval(sinks=2, window=5, block=3, topk=2, every=4), id="every4"),
+    pytest.param(sa.Retrieval(sinks=1, window=3, block=2, topk=2, max_blocks=3, every=5), id="every5_max3"),
 ]
 CHUNKINGS = [1, 3, 7, 4, 13, "random"]  # {1, 3, 7, > block, > window + block, random}
 
@@ -40,12 +42,14 @@ def replay_blocks(pol, retrieved, t_len) -> list[list[int]]:
     for log in retrieved:
         memory: dict[int, int] = {}
         for t in range(t_len):
+            decides = t % pol.every == 0
             n = pol.blocks_in_memory(t)
             if n and pol.entry(n - 1) == t:
                 memory[n - 1] = t
                 if pol.max_blocks is not None and len(memory) > pol.max_blocks:
-                    del memory[min(memory, key=lambda b: (memory[b], b))]
-            for b in log[t]:
+                    kept = set() if decides else set(log[t])
+                    del memory[min((b for b in memory if b not in kept), key=lambda b: (memory[b], b))]
+            for b in log[t] if decides else ():
                 memory[b] = t
         out.append(sorted(memory))
     return out
@@ -183,6 +187,30 @@ def test_streams_join_and_leave():
     assert max_err(out[1], ref1[0, :, 17:]) < 1e-12
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_streams_joining_mid_query_block_keep_their_choice(positions):
+    """Two streams decoded alone to the middle of a query block (each with its choice and the blocks
+    it gathered for it), joined into one batch in step, then decoded together: each == its replay."""
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=5, every=4)
+    rope = sa.RoPE(D)
+    q, k, v = make_qkv(2, 4, 2, 80, D, torch.float64, seed=21)
+    first, second = (sa.StreamingAttention(pol, rope, positions) for _ in range(2))
+    stream(first, q[:1, :, :46], k[:1, :, :46], v[:1, :, :46], [1] * 46)
+    stream(second, q[1:, :, :46], k[1:, :, :46], v[1:, :, :46], [40] + [1] * 6)
+    assert first.state.fetched is not None and 46 % pol.every
+    first.add_streams(second.state)
+    out = stream(first, q[:, :, 46:], k[:, :, 46:], v[:, :, 46:], [1] * 34)
+    ref = reference.replay_retrieval(q, k, v, pol, rope=rope, positions=positions)
+    assert max_err(out, ref[:, :, 46:]) < 1e-12
+    # a stream put in place of another, mid query block, in a batch that gathered its blocks
+    pair = sa.StreamingAttention(pol, rope, positions)
+    stream(pair, q[[0, 0]][:, :, :46], k[[0, 0]][:, :, :46], v[[0, 0]][:, :, :46], [1] * 46)
+    assert pair.state.fetched is not None
+    pair.state.put([1], second.state.select([0]))
+    out = stream(pair, q[:, :, 46:], k[:, :, 46:], v[:, :, 46:], [1] * 34)
+    assert max_err(out, ref[:, :, 46:]) < 1e-12
+
+
 def test_float32_streams_match_the_replay():
     pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4)
     rope = sa.RoPE(D)
@@ -202,6 +230,8 @@ def test_float32_streams_match_the_replay():
         ({"window": 0}, "window must be >= 1"),
         ({"sinks": -1}, "sinks must be >= 0"),
         ({"block": 2.0}, "block must be an int"),
+        ({"every": 0}, "every must be >= 1"),
+        ({"topk": 2, "max_blocks": 2, "every": 4}, "every > 1 needs max_blocks > topk"),
     ],
 )
 def test_bad_policies(kwargs, match):
@@ -255,7 +285,8 @@ def test_both_memory_paths_equal_the_replay(monkeypatch, union, positions):
 # ---------------------------------------------------------------------- where the store lives
 @pytest.mark.parametrize("store", ["cpu", "disk"])
 @pytest.mark.parametrize("max_blocks", [None, 4], ids=["growing", "max4"])
-def test_store_placement_changes_nothing(store, max_blocks, tmp_path):
+@pytest.mark.parametrize("every", [1, 3])
+def test_store_placement_changes_nothing(store, max_blocks, every, tmp_path):
     """The store on the CPU or memory-mapped on disk gives the device store's results bitwise, also
     through growth, streams joining and leaving and save/restore (a state saved from the device
     store resumes in the other placement); the disk store's tensors are file-backed (files
@@ -264,8 +295,8 @@ def test_store_placement_changes_nothing(store, max_blocks, tmp_path):
 
     kw = {"store_dir": str(tmp_path)} if store == "disk" else {}
     pols = [
-        sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=max_blocks),
-        sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=max_blocks, store=store, **kw),
+        sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=max_blocks, every=every),
+        sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=max_blocks, every=every, store=store, **kw),
     ]
     q, k, v = make_qkv(3, 4, 2, T, D, torch.float32, seed=12)
     ops = [sa.StreamingAttention(p, sa.RoPE(D), "cache") for p in pols]
@@ -318,3 +349,46 @@ def test_ties_at_the_cut_take_the_newer_block(positions):
     for spec in (1, 7, "random"):
         out = stream(sa.StreamingAttention(pol, None, positions), q, k, v, chunk_sizes(spec, T, seed=5))
         assert max_err(out, ref) < 1e-12, spec
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_decode_steps_take_the_one_softmax_path(monkeypatch, policy, positions):
+    """Token by token, streams in step and past the sinks take ``_decode`` (one softmax over sinks,
+    window and blocks) and equal the replay; a ragged batch takes the general path."""
+    import streamattn.core.memory as memory
+
+    calls = []
+    real = memory.RetrievalEngine._decode
+    monkeypatch.setattr(memory.RetrievalEngine, "_decode", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make_qkv(2, 6, 2, T, D, torch.float64, seed=17)
+    out = stream(sa.StreamingAttention(policy, sa.RoPE(D), positions), q, k, v, [1] * T)
+    ref = reference.replay_retrieval(q, k, v, policy, rope=sa.RoPE(D), positions=positions)
+    assert max_err(out, ref) < 1e-12
+    assert len(calls) == T - policy.sinks
+    calls.clear()
+    attn = sa.StreamingAttention(policy, sa.RoPE(D), positions)
+    outs = stream_ragged(
+        attn, [q[0], q[1, :, :40]], [k[0], k[1, :, :40]], [v[0], v[1, :, :40]], [[1] * T, [3] + [1] * 37]
+    )
+    assert calls == []  # streams out of step, then one of them padded: the general path
+    assert max_err(outs[0], ref[0]) < 1e-12
+
+
+def test_states_saved_before_choice_existed_load_and_bad_choices_are_refused():
+    pol = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4)
+    q, k, v = make_qkv(1, 4, 2, 60, D, torch.float64, seed=19)
+    a = sa.StreamingAttention(pol, sa.RoPE(D))
+    stream(a, q[:, :, :40], k[:, :, :40], v[:, :, :40], [40])
+    raw = a.state.to_dict()
+    old = {name: t for name, t in raw.items() if name != "choice"}  # what earlier versions saved
+    b = sa.StreamingAttention(pol, sa.RoPE(D))
+    b.state = b.engine.spec.load(old)
+    rest = [x[:, :, 40:] for x in (q, k, v)]
+    assert torch.equal(stream(a, *rest, [20]), stream(b, *rest, [20]))
+    every = sa.Retrieval(sinks=2, window=5, block=3, topk=2, max_blocks=4, every=3)
+    c = sa.StreamingAttention(every, sa.RoPE(D))
+    stream(c, q[:, :, :40], k[:, :, :40], v[:, :, :40], [40])
+    for bad in (c.state.choice[..., :1], c.state.choice + 9, c.state.choice.int()):
+        with pytest.raises(ValueError, match="choice must be"):
+            c.engine.spec.load({**c.state.to_dict(), "choice": bad})

@@ -22,6 +22,9 @@ import streamattn as sa
         ("window=8,budget=100,score=KNorm", sa.Compressed(0, 8, 100, sa.scores.KeyNorm(), 64)),
         ("window=8,budget=100,score=snapkv", sa.Compressed(0, 8, 100, sa.scores.SnapKV(32, 7), 64)),
         ("window=8,budget=100,score=snapkv:16:5,every=16", sa.Compressed(0, 8, 100, sa.scores.SnapKV(16, 5), 16)),
+        ("sinks=4,window=1020,block=128", sa.Retrieval(4, 1020, 128, 4)),
+        ("sinks=4,window=1020,block=128,topk=2,every=64", sa.Retrieval(4, 1020, 128, 2, every=64)),
+        ("window=16,block=4,max_blocks=8,every=8", sa.Retrieval(0, 16, 4, 4, 8, every=8)),
     ],
 )
 def test_specs(spec, want):
@@ -37,6 +40,8 @@ def test_specs(spec, want):
         sa.Compressed(4, 64, 960, sa.scores.SnapKV(16, 3), 64),
         sa.Compressed(0, 8, 100, sa.scores.H2O(), 4),
         sa.Compressed(2, 8, 100, sa.scores.KeyNorm(), 4),
+        sa.Retrieval(4, 1020, 128, 4),
+        sa.Retrieval(2, 60, 16, 2, 9, every=32, store="cpu"),
     ],
     ids=str,
 )
@@ -75,6 +80,7 @@ def test_round_trip_through_the_policy_name_fields():
         ("heads=0.25|window=8", "expected 'heads=F|RETRIEVAL POLICY|STREAMING POLICY'"),
         ("sinks=4,window=64,budget=10", "budget must be >= 68"),
         ("window=8,budget=100,score=snapkv:128", "use every >= 128"),
+        ("window=8,block=4,topk=2,max_blocks=2,every=4", "every > 1 needs max_blocks > topk"),
     ],
 )
 def test_bad_specs_are_value_errors_naming_the_forms(spec, message):

@@ -59,8 +59,13 @@ class MemoryState:
     - ``lo``, ``hi``: ``[B, Hkv, C, D]`` elementwise min / max of each block's keys (as stored).
     - ``block_id``: ``[B, Hkv, C]`` int64 block number held by each slot (``NO_BLOCK``: empty).
     - ``stamp``: ``[B, Hkv, C]`` int64 the last query that retrieved the block (or its entry index).
+    - ``choice``: ``[B, Hkv, topk]`` int64 the slots chosen for the query block in progress (``-1``:
+      none; kept only when ``every > 1``, where a choice outlives the call that made it).
     - ``placement``: where ``mem_k`` / ``mem_v`` live (the attention device, host memory or
       memory-mapped files: ``core.placement``); every other tensor is on the attention device.
+    - ``fetched``: the keys and values of ``choice``'s blocks, gathered once per query block for the
+      decode steps that share it (on the attention device, in the compute dtype; ``[B, Hkv, topk *
+      block, D]``); a cache, never saved: ``None`` whenever the choice changes.
     """
 
     local: StreamState
@@ -70,7 +75,9 @@ class MemoryState:
     hi: torch.Tensor
     block_id: torch.Tensor
     stamp: torch.Tensor
+    choice: torch.Tensor
     placement: Placement = field(default_factory=Placement)
+    fetched: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -107,7 +114,8 @@ class MemoryState:
     @property
     def nbytes(self) -> int:
         """Bytes held: the local buffers and the store (allocated slots)."""
-        return self.local.nbytes + sum(t.numel() * t.element_size() for t in self.store().values())
+        held = [*self.store().values(), self.choice]
+        return self.local.nbytes + sum(t.numel() * t.element_size() for t in held)
 
     def head_nbytes(self) -> list[int]:
         return [self.nbytes // self.kv_heads] * self.kv_heads
@@ -123,7 +131,8 @@ class MemoryState:
             name: self._placed(name, t.index_select(0, torch.tensor(idx, device=t.device)))
             for name, t in self.store().items()
         }
-        return MemoryState(local, **store, placement=self.placement)
+        choice = self.choice.index_select(0, torch.tensor(idx, device=self.device))
+        return MemoryState(local, **store, choice=choice, placement=self.placement)
 
     def put(self, rows: torch.Tensor | Sequence[int], other: MemoryState) -> None:
         self._check_compatible(other)
@@ -138,6 +147,8 @@ class MemoryState:
             at = torch.tensor(idx, device=mine.device)
             mine[at] = NO_BLOCK if name == "block_id" else 0
             mine[at, :, :c] = getattr(other, name).to(mine.device)
+        self.choice[torch.tensor(idx, device=self.device)] = other.choice.to(self.device)
+        self.fetched = None
 
     @staticmethod
     def cat(states: Sequence[MemoryState]) -> MemoryState:
@@ -153,10 +164,15 @@ class MemoryState:
         for name in _STORE:
             dev = getattr(first, name).device
             store[name] = first._placed(name, torch.cat([getattr(s, name).to(dev) for s in states]))
-        return MemoryState(local, **store, placement=first.placement)
+        choice = torch.cat([s.choice.to(first.device) for s in states])
+        return MemoryState(local, **store, choice=choice, placement=first.placement)
 
     def _check_compatible(self, other: Any) -> None:
-        if not isinstance(other, MemoryState) or other.mem_k.shape[3] != self.mem_k.shape[3]:
+        if (
+            not isinstance(other, MemoryState)
+            or other.mem_k.shape[3] != self.mem_k.shape[3]
+            or other.choice.shape[2] != self.choice.shape[2]
+        ):
             raise ValueError("retrieval states of different block sizes (or not retrieval states) cannot share a batch")
         self.local._check_compatible(other.local)
 
@@ -175,10 +191,11 @@ class MemoryState:
                 new = t.new_full(shape, NO_BLOCK if name == "block_id" else 0)
             new[:, :, : t.shape[2]] = t
             grown[name] = new
-        return MemoryState(self.local, **grown, placement=self.placement)
+        return MemoryState(self.local, **grown, choice=self.choice, placement=self.placement)
 
     def to_dict(self) -> dict[str, object]:
-        return {"local": self.local.to_dict(), **{name: t.clone() for name, t in self.store().items()}}
+        store = {name: t.clone() for name, t in self.store().items()}
+        return {"local": self.local.to_dict(), **store, "choice": self.choice.clone()}
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,7 @@ class MemorySpec:
     local: StateSpec
     block: int
     capacity: int | None
+    topk: int
     placement: Placement = field(default_factory=Placement)
 
     def load(self, raw: Any) -> MemoryState:
@@ -223,10 +241,23 @@ class MemorySpec:
                 or t.device not in devices
             ):
                 raise ValueError(f"malformed retrieval state: {name} must be a {dtype} {list(shape)} tensor on {where}")
+        # a state saved before ``choice`` existed (every=1, where no choice outlives a call): none
+        choice = raw.get("choice", torch.full((b, hkv, self.topk), -1, dtype=torch.int64, device=local.device))
+        if (
+            not isinstance(choice, torch.Tensor)
+            or tuple(choice.shape) != (b, hkv, self.topk)
+            or choice.dtype != torch.int64
+            or choice.device != local.device
+            or bool(((choice < -1) | (choice >= c)).any())
+        ):
+            raise ValueError(
+                f"malformed retrieval state: choice must be a torch.int64 [{b}, {hkv}, {self.topk}] tensor "
+                f"on {local.device} of slots in [-1, {c})"
+            )
         for name in expected:
             t = raw[name]
             store[name] = self.placement.copy(t, local.device) if name in _PLACED else t.clone()
-        return MemoryState(local, **store, placement=self.placement)
+        return MemoryState(local, **store, choice=choice.clone(), placement=self.placement)
 
 
 def _union(chosen: torch.Tensor, ok: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,6 +320,7 @@ class RetrievalEngine:
             hi=torch.zeros(b, hkv, c, d, dtype=dtype, device=device),
             block_id=torch.full((b, hkv, c), NO_BLOCK, dtype=torch.int64, device=device),
             stamp=torch.zeros(b, hkv, c, dtype=torch.int64, device=device),
+            choice=torch.full((b, hkv, self.topk), -1, dtype=torch.int64, device=device),
             placement=self.placement,
         )
 
@@ -301,7 +333,7 @@ class RetrievalEngine:
             sink_k=False,
             index=False,
         )
-        return MemorySpec(local, self.block, self.policy.max_blocks, self.placement)
+        return MemorySpec(local, self.block, self.policy.max_blocks, self.topk, self.placement)
 
     def check_inputs(self, hkv: int, d: int) -> None:
         pass
@@ -346,8 +378,85 @@ class RetrievalEngine:
     ) -> torch.Tensor:
         """Stream ``counts[b]`` tokens of each stream (right-padded to T), in segments that end
         before each stream's next entry index."""
+        loc = st.local
+        t0 = loc.seen[0]
+        if (
+            q.shape[2] == 1
+            and min(counts) == 1
+            and t0 >= self.sinks
+            and all(x == t0 for x in loc.seen)
+            and all(x == loc.base[0] for x in loc.base)
+        ):
+            return self._decode(st, q, k, v)
         limit = lambda seen: min(self._to_next_entry(seen), self.block_size)  # noqa: E731
         return in_segments(st, q, k, v, counts, limit, self._segment)
+
+    def _decode(self, st: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per stream, streams in step and past the sinks (generation's hot path): the rule
+        of ``_segment`` as one softmax over the scores of sinks, window (the ring in place, its
+        stale slots masked) and retrieved blocks, each against the query rotated for its frame. About
+        thirty small ops where the general path, built for chunks and ragged streams, takes ~250."""
+        loc, s, w, size = st.local, self.sinks, self.window, self.block
+        first = self.policy.entry(0)
+        if loc.seen[0] >= first and (loc.seen[0] - first) % size == 0:  # an entry index: every stream's block enters
+            for b in range(len(loc.seen)):
+                self._enter(st, b)
+        self._maybe_rebase(loc, 1)
+        t0, origin = loc.seen[0], loc.base[0]
+        bsz, hq, _, d = q.shape
+        hkv = loc.kv_heads
+        g = hq // hkv
+        dtype, dev, cdt = q.dtype, q.device, compute_dtype(q.dtype)
+        scale = d**-0.5 if self.scale is None else self.scale
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        held = self._held_blocks(t0)
+        n_win = min(t0 + 1 - s, w)
+        rotate = lambda x, at: x if self.rope is None else apply_rotary(x, *range_cos_sin(self.rope, at, 1, cdt, dev))  # noqa: E731
+        qw, kw = rotate(q, t0 - origin), rotate(k, t0 - origin)
+        slot = s + (t0 - s) % self.ring
+        loc.k.narrow(2, slot, 1).copy_(kw)
+        loc.v.narrow(2, slot, 1).copy_(v)
+        rows = lambda x: x.reshape(bsz, hkv, g, d)  # noqa: E731  (a kv head's query heads in the rows)
+
+        ring_k, ring_v = (x.narrow(2, s, self.ring).to(cdt) for x in (loc.k, loc.v))
+        scores = [torch.matmul(rows(qw), ring_k.transpose(-1, -2))]  # [B, Hkv, G, R]
+        # ring slot r holds index t0 - (t0 - s - r) % R: seen while that distance is below n_win
+        dist = (t0 - s - torch.arange(self.ring, device=dev)) % self.ring
+        scores[0].masked_fill_(dist >= n_win, float("-inf"))
+        values = [ring_v]
+        if held:
+            at = n_win + size - 1 if self.cache_mode else t0
+            qm = rotate(q, at)
+            one = torch.full((bsz, 1), t0, device=dev)
+            chosen, ok = self._retrieve(st, qm, one, one >= 0, held)  # [B, Hkv, 1, K]
+            some = bool(ok[0].any())  # streams in step hold as many blocks: all choose some or none
+            kk = chosen.shape[-1]
+            if st.fetched is not None and st.fetched[0].dtype == cdt:  # the query block's blocks, gathered already
+                mem_k, mem_v = st.fetched
+            else:
+                c = st.capacity
+                base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
+                mem_k, mem_v = self._fetch(st, base[..., None] + chosen, cdt, dev)
+                mem_k, mem_v = mem_k.view(bsz, hkv, kk * size, d), mem_v.view(bsz, hkv, kk * size, d)
+                if self.policy.every > 1:  # kept for the query block's other steps
+                    st.fetched = (mem_k, mem_v)
+            sc = torch.matmul(rows(qm), mem_k.transpose(-1, -2))
+            if not bool(ok.all()):
+                sc.masked_fill_(~ok.repeat_interleave(size, dim=-1), float("-inf"))
+            scores.append(sc)
+            values.append(mem_v)
+        if s:
+            ppos = (s + (size if held and some else 0) + n_win - 1) if self.cache_mode else t0
+            scores.append(torch.matmul(rows(rotate(q, ppos)), loc.k[:, :, :s].to(cdt).transpose(-1, -2)))
+            values.append(loc.v[:, :, :s].to(cdt))
+        p = torch.softmax(torch.cat(scores, dim=-1).mul_(scale), dim=-1)
+        out, at = None, 0
+        for x in values:
+            part = torch.matmul(p.narrow(-1, at, x.shape[2]), x)
+            out = part if out is None else out.add_(part)
+            at += x.shape[2]
+        loc.seen = [t0 + 1] * bsz
+        return out.reshape(bsz, hq, 1, d).to(dtype)
 
     def _segment(
         self, st: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: list[int]
@@ -391,28 +500,32 @@ class RetrievalEngine:
             loc.k[b_idx, :, j] = sink_keys.to(loc.dtype)
             loc.v[b_idx, :, j] = v.transpose(1, 2)[b_idx, i_idx].to(loc.dtype)
 
-        # how many blocks each query retrieves, and its position
-        held = [self._held_blocks(x) for x in loc.seen]  # blocks in memory for this segment's queries
-        some = torch.tensor([h > 0 for h in held], device=dev)[:, None]  # [B, 1]: a query retrieves >= 1
+        held = max(self._held_blocks(x) for x in loc.seen)  # blocks in memory for this segment's queries
         n_sinks = qpos.clamp(max=s - 1) + 1 if s else torch.zeros_like(qpos)  # sinks visible
         n_win = (qpos + 1 - s).clamp(min=0, max=w)
-        ppos = (n_sinks + some * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
         at = (n_win + self.block - 1) if self.cache_mode else qpos  # blocks are stored at u (cache) or j
         ends = {"ppos": False, "at": False}  # (first, last) of each, when streams are in step
         if t0 is not None:
             last = t0 + t - 1
             win_py = lambda j: min(max(j + 1 - s, 0), w)  # noqa: E731
-            sinks_py = lambda j: min(j, s - 1) + 1 if s else 0  # noqa: E731
-            ppos_py = lambda j: sinks_py(j) + (self.block if held[0] else 0) + win_py(j) - 1  # noqa: E731
-            ends["ppos"] = (ppos_py(t0), ppos_py(last)) if self.cache_mode else (t0, last)
             ends["at"] = (win_py(t0) + self.block - 1, win_py(last) + self.block - 1) if self.cache_mode else (t0, last)
         # the segment's tokens go into the ring first: they overwrite tokens at least ``window + block``
         # older, which no query of the segment sees and whose block has entered memory already
         self._write_ring(loc, kw, v, qpos, valid, n)
         parts = [self._attend_window(loc, qw, seen + torch.tensor(n, device=dev), qpos, valid, scale)]
-        if max(held) > 0:
+        some = torch.zeros_like(valid)  # [B, T]: the query attends to >= 1 block (shifts the window in cache mode)
+        if held > 0:
             qm = self._rotate_query(q, at, ends["at"], cdt)
-            parts.append(self._attend_memory(st, q, qm, qpos, valid, max(held), scale))
+            chosen, ok = self._retrieve(st, qm, qpos, valid, held)
+            parts.append(self._attend_memory(st, qm, chosen, ok, t0, scale))
+            some = ok[:, 0].any(dim=-1)  # every kv head holds as many blocks, so all choose some or none
+        ppos = (n_sinks + some * self.block + n_win - 1) if self.cache_mode else qpos  # [B, T]
+        if t0 is not None and not self.cache_mode:
+            ends["ppos"] = (t0, t0 + t - 1)
+        elif t0 is not None and (bool(some.all()) or not bool(some.any())):  # the same shift for every query
+            sinks_py = lambda j: min(j, s - 1) + 1 if s else 0  # noqa: E731
+            ppos_py = lambda j: sinks_py(j) + (self.block if bool(some[0, 0]) else 0) + win_py(j) - 1  # noqa: E731
+            ends["ppos"] = (ppos_py(t0), ppos_py(t0 + t - 1))
         if s and t0 is not None and t0 >= s:  # every query sees every sink: one softmax adds them
             bsz, hq = q.shape[:2]
             hkv, g = loc.kv_heads, hq // loc.kv_heads
@@ -522,24 +635,85 @@ class RetrievalEngine:
             best = rel.gather(-1, chosen)
         return chosen, torch.isfinite(best)
 
-    def _attend_memory(self, st, q, qm, qpos, valid, held, scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each query's ``topk`` blocks by relevance (per kv head), attended with the query ``qm``
-        rotated for the store's frame; stamps updated. The union of the blocks the segment's queries
-        chose is gathered once per kv head and each query masked to its own: output and log-sum-exp."""
-        bsz, hkv, c, dev = q.shape[0], st.kv_heads, st.capacity, q.device
-        chosen, ok = self._choose(st, qm, held)
-        ok &= valid[:, None, :, None]
-        union, real = _union(chosen, ok, c)  # [B, Hkv, U]: the distinct slots chosen (O(T K log T K), not O(C))
-        base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
-        if union.shape[-1] > _UNION * chosen.shape[-1]:  # the queries disagree: gather each query's own blocks
-            o, lse = self._attend_gathered(st, qm, base[..., None] + chosen, ok, scale)
-        else:
-            o, lse = self._attend_union(st, qm, base, chosen, ok, union, real, scale)
+    def _retrieve(self, st, qm, qpos, valid, held) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks each query attends to: ``chosen [B, Hkv, T, K]`` (slots) and ``ok`` (a block is
+        there). The first query of each query block chooses (``_choose``, with ``qm`` rotated for the
+        store's frame); the others take their query block's choice (made in this segment or kept in
+        ``st.choice``). Stamps and ``st.choice`` updated."""
+        bsz, hq, t, d = qm.shape
+        hkv, every, k = st.kv_heads, self.policy.every, self.topk
+        if every == 1:
+            chosen, ok = self._choose(st, qm, held)
+            ok &= valid[:, None, :, None]
+            stamp_of = torch.where(ok, qpos[:, None, :, None], -1)
+            st.stamp.scatter_reduce_(-1, chosen.flatten(2), stamp_of.flatten(2), reduce="amax")
+            return chosen, ok
+        decides = valid & (qpos % every == 0)  # [B, T]
+        count = decides.sum(dim=-1)  # [B]
+        m = int(count.max())
+        options, options_ok = st.choice[:, :, None], st.choice[:, :, None] >= 0  # [B, Hkv, 1, K]: the kept choice
+        if m:
+            # the deciding queries first in each row (a stable sort keeps their order): [B, m] columns
+            cols = torch.sort((~decides).to(torch.uint8), dim=-1, stable=True).indices[:, :m]
+            real = torch.arange(m, device=qm.device) < count[:, None]  # [B, m]
+            qd = qm.gather(2, cols[:, None, :, None].expand(bsz, hq, m, d))
+            chosen, ok = self._choose(st, qd, held)  # [B, Hkv, m, kk]
+            if chosen.shape[-1] < k:  # fewer slots than topk: pad the choice with none
+                pad = (bsz, hkv, m, k - chosen.shape[-1])
+                chosen = torch.cat((chosen, chosen.new_zeros(pad)), dim=-1)
+                ok = torch.cat((ok, ok.new_zeros(pad)), dim=-1)
+            ok &= real[:, None, :, None]
+            stamp_of = torch.where(ok, qpos.gather(1, cols)[:, None, :, None], -1)
+            st.stamp.scatter_reduce_(-1, chosen.flatten(2), stamp_of.flatten(2), reduce="amax")
+            options = torch.cat((options, chosen), dim=2)
+            options_ok = torch.cat((options_ok, ok), dim=2)
+            last = count.clamp(max=m)[:, None, None, None].expand(bsz, hkv, 1, k)  # the last choice, or the kept one
+            st.choice = torch.where(options_ok, options, -1).gather(2, last)[:, :, 0]
+            st.fetched = None
+        which = decides.cumsum(dim=-1)[:, None, :, None].expand(bsz, hkv, t, k)  # 0: the kept choice
+        chosen, ok = options.gather(2, which), options_ok.gather(2, which)
+        return chosen.clamp(min=0), ok & valid[:, None, :, None]
 
-        # stamps: the last (valid) query that retrieved each slot
-        stamp_of = torch.where(ok, qpos[:, None, :, None], -1)
-        st.stamp.scatter_reduce_(-1, chosen.reshape(bsz, hkv, -1), stamp_of.reshape(bsz, hkv, -1), reduce="amax")
-        return o, lse
+    def _attend_memory(self, st, qm, chosen, ok, t0, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query against the blocks it attends to (``chosen``/``ok``: ``_retrieve``), with the
+        query ``qm`` rotated for the store's frame: output and log-sum-exp. Streams in step with query
+        blocks: each run of queries sharing a choice against its blocks, gathered once; otherwise the
+        union of the blocks the segment's queries chose, gathered once per kv head with each query
+        masked to its own, or, when the queries disagree, each query's own blocks."""
+        bsz, hkv, c, dev = qm.shape[0], st.kv_heads, st.capacity, qm.device
+        base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
+        every, t = self.policy.every, qm.shape[2]
+        if every > 1 and t0 is not None:
+            starts = [0, *range((-t0) % every or every, t, every)]  # queries where a new choice starts
+            return self._attend_runs(st, qm, base, chosen, ok, [*zip(starts, [*starts[1:], t], strict=True)], scale)
+        union, real = _union(chosen, ok, c)  # [B, Hkv, U]: the distinct slots chosen (O(T K log T K), not O(C))
+        if union.shape[-1] > _UNION * chosen.shape[-1]:  # the queries disagree: gather each query's own blocks
+            return self._attend_gathered(st, qm, base[..., None] + chosen, ok, scale)
+        return self._attend_union(st, qm, base, chosen, ok, union, real, scale)
+
+    def _attend_runs(self, st, qm, base, chosen, ok, runs, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``[a, b)`` of each run share one choice (streams in step, query blocks): per run,
+        its ``K`` blocks gathered once and attended by the run's queries (``K * block`` keys each)."""
+        bsz, hq, t, d = qm.shape
+        hkv, size = st.kv_heads, self.block
+        g, cdt, dev = hq // hkv, qm.dtype, qm.device
+        out = qm.new_zeros(bsz, hkv, g, t, d)
+        lse = qm.new_full((bsz, hkv, g, t), float("-inf"))
+        rows = qm.view(bsz, hkv, g, t, d)
+        for a, b in runs:
+            pick, got = chosen[:, :, a], ok[:, :, a]  # [B, Hkv, K]
+            if not bool(got.any()):
+                continue
+            keys, values = self._fetch(st, base + pick, cdt, dev)
+            kk = pick.shape[-1] * size
+            keys, values = keys.view(bsz, hkv, kk, d), values.view(bsz, hkv, kk, d)
+            has = got.any(dim=-1)  # [B, Hkv]: a row that chose nothing sees everything, then is dropped
+            see = (got | ~has[..., None]).repeat_interleave(size, dim=-1)[:, :, None]  # [B, Hkv, 1, K * block]
+            bias = torch.zeros(see.shape, dtype=cdt, device=dev).masked_fill_(~see, float("-inf"))
+            o, l_run = attend_lse(rows[:, :, :, a:b].reshape(bsz, hkv, g * (b - a), d), keys, values, bias, scale)
+            out[:, :, :, a:b] = o.view(bsz, hkv, g, b - a, d)
+            lse[:, :, :, a:b] = l_run.view(bsz, hkv, g, b - a).masked_fill(~has[:, :, None, None], float("-inf"))
+        return out.view(bsz, hq, t, d), lse.view(bsz, hq, t)
 
     def _attend_union(self, st, qm, base, chosen, ok, union, real, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """The union of the blocks the queries chose (``union [B, Hkv, U]``, ``real``: not padding),
@@ -619,6 +793,10 @@ class RetrievalEngine:
             slot = torch.full((hkv,), held, device=st.device)
         else:  # the least recently retrieved (lowest stamp; among equal stamps the older block) leaves
             stamp = st.stamp[b]
+            if self.policy.every > 1 and loc.seen[b] % self.policy.every:  # within a query block: its choice stays
+                choice = st.choice[b]  # [Hkv, K]
+                kept = (torch.arange(st.capacity, device=st.device) == choice[..., None]).any(dim=-2)
+                stamp = stamp.masked_fill(kept, torch.iinfo(stamp.dtype).max)
             oldest = stamp == stamp.min(dim=-1, keepdim=True).values
             slot = torch.where(oldest, st.block_id[b], EMPTY).argmin(dim=-1)
         heads = torch.arange(hkv, device=st.device)

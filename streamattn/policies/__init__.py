@@ -41,8 +41,10 @@ def state_config(config: Any) -> Any:
     ``Retrieval``'s ``store`` / ``store_dir``): what a saved state must match to be loaded, so a
     stream saved with its store on the GPU resumes with the store on disk, and back."""
     if isinstance(config, dict):
-        placement = config.get("type") == "Retrieval"
-        return {k: state_config(v) for k, v in config.items() if not (placement and k in PLACEMENT_FIELDS)}
+        retrieval = config.get("type") == "Retrieval"
+        # every=1 is how states were saved before the field existed: they stay loadable
+        drop = lambda k, v: retrieval and (k in PLACEMENT_FIELDS or (k == "every" and v == 1))  # noqa: E731
+        return {k: state_config(v) for k, v in config.items() if not drop(k, v)}
     if isinstance(config, (list, tuple)):
         return [state_config(x) for x in config]
     return config

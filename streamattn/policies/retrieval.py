@@ -11,21 +11,30 @@ The rule, exactly (``streamattn.reference.replay_retrieval`` implements it liter
    first query that no longer sees any of its tokens locally, ``t = sinks + (b + 1) * block - 1 +
    window``: a fixed stream index (whatever the chunking). Tokens that left the window before their
    block entered are seen by no query until it does (at most ``block - 1`` of them).
-3. **Retrieval, per query and kv head.** Each memory block has two *bounds* per kv head, the
+3. **Retrieval, per query block and kv head.** Queries form *query blocks* of ``every`` stream
+   indices (``[a, a + every)`` with ``a`` a multiple of ``every``; ``every=1``: each query alone).
+   The first query ``a`` of a query block chooses for all of them, from the blocks in memory then;
+   a block that enters later in the query block waits for the next choice. Each memory block has two *bounds* per kv head, the
    elementwise min and max of its keys rotated where queries attend them (below: at their stream
    index, or in cache mode token ``u`` of every block at the same offset); its relevance to query
    ``t`` is Quest's upper bound on the scores the query would give the block's keys there, summed
    over the query heads ``g`` of the kv head: ``sum_g sum_d max(q_gd * lo_d, q_gd * hi_d)`` (``q``
-   rotated at its own position in the same frame). Query ``t`` attends, besides
-   its local keys, to every key of the ``topk`` most relevant blocks in memory (higher relevance
-   first, among equal relevance the newer block), all of them if fewer are in memory.
+   rotated at its own position in the same frame). Query ``a`` chooses the ``topk`` most relevant
+   blocks in memory (higher relevance first, among equal relevance the newer block), all of them if
+   fewer are in memory, and every query of its query block attends, besides its local keys, to
+   every key of the chosen blocks.
 4. **Bounded memory** (``max_blocks=N``): a kv head keeps at most ``N`` blocks. When a block enters
    a full memory, the block least recently retrieved leaves (a block's *stamp* is the last query
-   that retrieved it, or the query at which it entered; lowest stamp leaves, among equal stamps the
-   older block); heads decide independently. ``max_blocks=None`` keeps every block (the store
-   grows by ``block`` tokens per ``block`` tokens streamed).
+   that chose it, or the query at which it entered; lowest stamp leaves, among equal stamps the
+   older block), except the blocks chosen for the query block in progress (none at its first
+   query, where the entry comes before the choice); heads decide independently. ``every > 1`` needs
+   ``max_blocks > topk`` (so that a block can always leave). ``max_blocks=None`` keeps every block
+   (the store grows by ``block`` tokens per ``block`` tokens streamed).
 
 So a query attends to at most ``sinks + window + topk * block`` keys, however long the stream.
+Choosing scans the bounds of every block in memory (``O(blocks)``, one matrix product); with
+``every=E`` it happens once per ``E`` queries, so its cost per token is ``O(blocks / E)``: flat in
+practice with a query block of a few dozen tokens (InfLLM retrieves per chunk of queries likewise).
 
 Where the store's keys and values live (``store``) changes no result, only where the bytes are:
 ``"device"`` (with the attention), ``"cpu"`` (host memory; each step moves only the blocks it
@@ -66,6 +75,7 @@ class Retrieval:
     max_blocks: int | None = None
     store: str = "device"
     store_dir: str | None = None
+    every: int = 1
     kind: ClassVar[str] = "memory"
 
     def __post_init__(self) -> None:
@@ -75,6 +85,13 @@ class Retrieval:
         check_int("Retrieval", "topk", self.topk, 1)
         if self.max_blocks is not None:
             check_int("Retrieval", "max_blocks", self.max_blocks, self.topk)
+        check_int("Retrieval", "every", self.every, 1)
+        if self.every > 1 and self.max_blocks is not None and self.max_blocks <= self.topk:
+            raise ValueError(
+                f"Retrieval: every > 1 needs max_blocks > topk (the chosen blocks stay while their query "
+                f"block runs; an entering block needs another to leave), got max_blocks={self.max_blocks}, "
+                f"topk={self.topk}"
+            )
         if self.store not in STORES:
             raise ValueError(f"Retrieval: store must be one of {STORES}, got {self.store!r}")
         if self.store_dir is not None:
@@ -86,7 +103,8 @@ class Retrieval:
     @property
     def name(self) -> str:
         keep = "" if self.max_blocks is None else f"_max{self.max_blocks}"
-        return f"retrieval_sink{self.sinks}_window{self.window}_block{self.block}_top{self.topk}{keep}"
+        every = "" if self.every == 1 else f"_every{self.every}"
+        return f"retrieval_sink{self.sinks}_window{self.window}_block{self.block}_top{self.topk}{keep}{every}"
 
     @property
     def capacity(self) -> int:
@@ -111,4 +129,5 @@ class Retrieval:
             "max_blocks": self.max_blocks,
             "store": self.store,
             "store_dir": self.store_dir,
+            "every": self.every,
         }

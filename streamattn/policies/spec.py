@@ -15,9 +15,10 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
     "sinks=4,window=64,budget=1024,score=h2o,every=64"
                             -> Compressed(4, 64, 1024, H2O(), 64)  (budget makes it compressed;
                                score defaults to tova, every to 64)
-    "sinks=4,window=1020,block=128,topk=4[,max_blocks=N]"
-                            -> Retrieval(4, 1020, 128, 4, N)  (block makes it a retrieval memory;
-                               topk defaults to 4, max_blocks to None: every block kept)
+    "sinks=4,window=1020,block=128,topk=4[,max_blocks=N][,every=E]"
+                            -> Retrieval(4, 1020, 128, 4, N, every=E)  (block makes it a retrieval
+                               memory; topk defaults to 4, max_blocks to None: every block kept,
+                               every to 1: each query chooses its own blocks)
     "sinks=4,window=1020,block=128,store=disk[,store_dir=/scratch]"
                             -> the store memory-mapped on disk (same results, other placement)
 
@@ -87,6 +88,8 @@ def policy_spec(policy: Policy) -> str:
         return f"sinks={policy.sinks},window={policy.window}" if policy.sinks else f"window={policy.window}"
     if isinstance(policy, Retrieval):
         keep = "" if policy.max_blocks is None else f",max_blocks={policy.max_blocks}"
+        if policy.every != 1:
+            keep += f",every={policy.every}"
         if policy.store != "device":
             keep += f",store={policy.store}"
         if policy.store_dir is not None:
@@ -173,12 +176,19 @@ def parse_policy(spec: str, profile: object = None) -> Policy:
     if placement and "block" not in fields:
         raise ValueError(f"bad policy {spec!r}: 'store' and 'store_dir' belong to a retrieval policy ('block=N')")
     if retrieval:
-        if "block" not in fields or "budget" in fields or score is not None or "every" in fields:
+        if "block" not in fields or "budget" in fields or score is not None:
             raise ValueError(
-                f"bad policy {spec!r}: a retrieval policy is 'sinks=S,window=W,block=N[,topk=K][,max_blocks=M]'"
+                f"bad policy {spec!r}: a retrieval policy is "
+                "'sinks=S,window=W,block=N[,topk=K][,max_blocks=M][,every=E]'"
             )
         return Retrieval(
-            sinks, fields["window"], fields["block"], fields.get("topk", 4), fields.get("max_blocks"), **placement
+            sinks,
+            fields["window"],
+            fields["block"],
+            fields.get("topk", 4),
+            fields.get("max_blocks"),
+            every=fields.get("every", 1),
+            **placement,
         )
     if "budget" in fields:
         return Compressed(sinks, fields["window"], fields["budget"], score or TOVA(), fields.get("every", 64))

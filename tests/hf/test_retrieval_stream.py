@@ -16,6 +16,7 @@ TOL = 1e-5  # fp64 model; Stream returns log-probs as float32
 
 RETRIEVAL = sa.Retrieval(sinks=4, window=8, block=4, topk=2)
 BOUNDED = sa.Retrieval(sinks=4, window=8, block=4, topk=2, max_blocks=3)
+QUERY_BLOCKS = sa.Retrieval(sinks=4, window=8, block=4, topk=2, max_blocks=3, every=6)
 
 
 @pytest.fixture
@@ -23,7 +24,11 @@ def model64(fresh_model):
     return fresh_model.double()
 
 
-@pytest.mark.parametrize(("policy", "sizes"), [(RETRIEVAL, (1, 7, 60)), (BOUNDED, (5, 60))], ids=["all", "max3"])
+@pytest.mark.parametrize(
+    ("policy", "sizes"),
+    [(RETRIEVAL, (1, 7, 60)), (BOUNDED, (5, 60)), (QUERY_BLOCKS, (1, 13, 60))],
+    ids=["all", "max3", "every6"],
+)
 def test_any_chunking_equals_token_by_token(model64, emma_ids, policy, sizes):
     ids = emma_ids[:60]  # blocks enter at 15, 19, ..., 59: 12 blocks, 3 kept when bounded
     first, *others = (Stream(model64, policy=policy, chunk_size=size) for size in sizes)
