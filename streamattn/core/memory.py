@@ -23,7 +23,8 @@ The three parts are merged by log-sum-exp.
 
 Chunks. A segment never crosses an entry index (each stream advances to its next entry at most),
 so the memory a query sees, and the stamps that decide what leaves, are those of token-by-token
-streaming for any chunking.
+streaming for any chunking. Query blocks (``every > 1``): the choice of the query block in progress
+is state (``MemoryState.choice``), and a decode step reuses the blocks gathered for it.
 """
 
 from __future__ import annotations
