@@ -194,9 +194,10 @@ class MemoryState:
             grown[name] = new
         return MemoryState(self.local, **grown, choice=self.choice, placement=self.placement)
 
-    def to_dict(self) -> dict[str, object]:
-        store = {name: t.clone() for name, t in self.store().items()}
-        return {"local": self.local.to_dict(), **store, "choice": self.choice.clone()}
+    def to_dict(self, copy: bool = True) -> dict[str, object]:
+        keep = (lambda t: t.clone()) if copy else (lambda t: t)
+        store = {name: keep(t) for name, t in self.store().items()}
+        return {"local": self.local.to_dict(copy), **store, "choice": keep(self.choice)}
 
 
 @dataclass(frozen=True)

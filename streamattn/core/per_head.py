@@ -86,8 +86,8 @@ class PerHeadState:
         if not isinstance(other, PerHeadState) or other.groups != self.groups:
             raise ValueError("per-head states of different head groups cannot share a batch")
 
-    def to_dict(self) -> dict[str, object]:
-        return {"groups": [list(g) for g in self.groups], "parts": [p.to_dict() for p in self.parts]}
+    def to_dict(self, copy: bool = True) -> dict[str, object]:
+        return {"groups": [list(g) for g in self.groups], "parts": [p.to_dict(copy) for p in self.parts]}
 
 
 @dataclass(frozen=True)

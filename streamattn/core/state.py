@@ -217,18 +217,20 @@ class StreamState:
             setattr(self, name, t)
 
     # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, object]:
-        """A snapshot (cloned tensors, int64 counters) that ``torch.save`` can write."""
+    def to_dict(self, copy: bool = True) -> dict[str, object]:
+        """A snapshot (cloned tensors, int64 counters) that ``torch.save`` can write; ``copy=False``:
+        the live buffers themselves (for writing straight to a file, never to keep)."""
+        keep = (lambda t: t.clone()) if copy else (lambda t: t)
         out = {
-            "k": self.k.clone(),
-            "v": self.v.clone(),
-            "sink_k": None if self.sink_k is None else self.sink_k.clone(),
+            "k": keep(self.k),
+            "v": keep(self.v),
+            "sink_k": None if self.sink_k is None else keep(self.sink_k),
             "seen": torch.tensor(self.seen, dtype=torch.int64),
             "base": torch.tensor(self.base, dtype=torch.int64),
         }
         for name, t in self.slot_fields().items():  # absent when unused (the saved format stays as it was)
             if t is not None:
-                out[name] = t.clone()
+                out[name] = keep(t)
         return out
 
     @classmethod

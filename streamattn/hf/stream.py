@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 
@@ -10,6 +11,7 @@ import torch
 import streamattn as sa
 from streamattn.hf.cache import StreamingCache
 from streamattn.hf.detok import IncrementalDetokenizer
+from streamattn.storage import load_mapped, save_atomic
 
 
 class Stream:
@@ -186,15 +188,28 @@ class Stream:
             self.last_generated = list(new)
 
     # ------------------------------------------------------------------ save / restore
-    def state_dict(self) -> dict:
-        """The whole stream (every layer's cache and the next-token distribution) as plain data."""
+    def state_dict(self, copy: bool = True) -> dict:
+        """The whole stream (every layer's cache and the next-token distribution) as plain data;
+        ``copy=False``: the live buffers (what ``save`` writes, never to keep)."""
+        keep = (lambda t: t.clone()) if copy else (lambda t: t)
         return {
             "format": _FORMAT,
             "config": self._config(),
-            "layers": [layer.attn.state_dict() for layer in self.cache.layers],
+            "layers": [{"_extra_state": layer.attn.get_extra_state(copy)} for layer in self.cache.layers],
             "batch": self._batch,
-            "next_logprobs": None if self._next is None else [None if x is None else x.clone() for x in self._next],
+            "next_logprobs": None if self._next is None else [None if x is None else keep(x) for x in self._next],
         }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the stream to ``path`` atomically (``storage.save_atomic``: the file holds the previous
+        save or this one, never a torn one), straight from the live buffers: no second copy of the
+        cache in memory, whatever its size."""
+        save_atomic(self.state_dict(copy=False), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume a stream from a file written by ``save`` (all or nothing, as ``load_state_dict``);
+        the file is memory-mapped while it is read."""
+        self.load_state_dict(load_mapped(path, self.model.device))
 
     def load_state_dict(self, state: dict) -> None:
         """Resume a stream saved by ``state_dict`` (also in another process); all or nothing."""

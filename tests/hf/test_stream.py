@@ -119,6 +119,63 @@ def test_state_dict_round_trip_continues_bitwise(smollm2, fresh_model, emma_ids,
     assert list(restarted.generate(max_new_tokens=5)) == list(stream.generate(max_new_tokens=5))
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [sa.SinkWindow(sinks=4, window=24), sa.Retrieval(sinks=4, window=8, block=4, topk=2, every=3, store="disk")],
+    ids=["sinks_window", "retrieval_disk"],
+)
+def test_save_and_load_a_file_continue_bitwise(smollm2, fresh_model, emma_ids, tmp_path, policy):
+    """``save`` writes the live buffers (no snapshot: the saved tensors are the stream's own), and a
+    stream loaded from the file continues exactly as the original."""
+    stream = Stream(fresh_model, smollm2[1], policy, chunk_size=16)
+    stream.feed(emma_ids[:50])
+    live = stream.state_dict(copy=False)["layers"][0]["_extra_state"]["state"]
+    state = stream.cache.layers[0].attn.state
+    live_k, own_k = (live["local"]["k"], state.local.k) if "local" in live else (live["k"], state.k)
+    assert live_k.data_ptr() == own_k.data_ptr()
+    stream.save(tmp_path / "stream.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.pt"]  # no temporary file left
+    restarted = Stream(fresh_model, smollm2[1], policy, chunk_size=16)
+    restarted.load(tmp_path / "stream.pt")
+    assert restarted.seen == 50
+    assert torch.equal(restarted.feed(emma_ids[50:90]), stream.feed(emma_ids[50:90]))
+
+
+def test_a_failed_save_keeps_the_previous_file_and_bad_files_are_refused(
+    smollm2, fresh_model, emma_ids, tmp_path, monkeypatch
+):
+    import streamattn.storage as storage
+
+    policy = sa.SinkWindow(sinks=4, window=24)
+    stream = Stream(fresh_model, smollm2[1], policy, chunk_size=16)
+    stream.feed(emma_ids[:30])
+    path = tmp_path / "stream.pt"
+    stream.save(path)
+    stream.feed(emma_ids[30:40])
+
+    def torn(obj, f):  # the disk fills up half way
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(storage.torch, "save", torn)
+    with pytest.raises(OSError, match="No space"):
+        stream.save(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.pt"]
+    resumed = Stream(fresh_model, smollm2[1], policy, chunk_size=16)
+    resumed.load(path)
+    assert resumed.seen == 30  # the previous save, whole
+    (tmp_path / "junk.pt").write_bytes(b"not a stream")
+    for bad, match in ((tmp_path / "junk.pt", "not a readable stream file"), (tmp_path / "none.pt", "no stream file")):
+        with pytest.raises(ValueError, match=match):
+            resumed.load(bad)
+        assert resumed.seen == 30
+    with pytest.raises(ValueError, match="is a directory"):
+        resumed.save(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        resumed.save(tmp_path / "missing" / "stream.pt")
+
+
 def test_state_from_another_stream_configuration_is_refused(smollm2, fresh_model, emma_ids):
     stream = Stream(fresh_model, smollm2[1], sa.SinkWindow(sinks=4, window=24))
     stream.feed(emma_ids[:30])
