@@ -24,6 +24,11 @@ BLOCKED = (
     "safetensors",
     "huggingface_hub",
     "numpy",  # torch does not require it
+    "fastapi",  # the serve extra
+    "uvicorn",
+    "prometheus_client",
+    "starlette",
+    "pydantic",
 )
 
 SCRIPT = textwrap.dedent(
@@ -71,6 +76,7 @@ CALLS = {
     "stream": ["stream"],
     "chat": ["chat"],
     "generate": ["generate", "Once upon a time"],
+    "serve": ["serve"],
 }
 
 
@@ -94,7 +100,7 @@ def test_the_hook_really_hides_the_extras_and_nothing_loads_them(base_install):
 def test_help_lists_every_command(base_install):
     help_ = base_install["results"]["help"]
     assert help_["rc"] == 0
-    for command in ("stream", "chat", "generate", "engine-demo"):
+    for command in ("stream", "chat", "generate", "engine-demo", "serve"):
         assert command in help_["out"]
 
 
@@ -113,3 +119,11 @@ def test_llm_commands_say_which_extra_to_install(base_install, command):
     assert len(lines) == 1, result["err"]
     assert lines[0].startswith(f"streamattn {command}: error: this command needs the 'hf' extra")
     assert "pip install 'streamattn[hf]'" in lines[0] and "transformers" in lines[0]
+
+
+def test_serve_says_which_extras_to_install(base_install):
+    result = base_install["results"]["serve"]
+    assert result["rc"] == 2 and result["out"] == ""
+    line = result["err"].strip()
+    assert line.startswith("streamattn serve: error: this command needs the 'hf' and 'serve' extras")
+    assert "pip install 'streamattn[hf,serve]'" in line and "fastapi" in line

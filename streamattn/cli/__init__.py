@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli import calibrate, chat, engine_demo, generate, recall, stream
+from streamattn.cli import calibrate, chat, engine_demo, generate, recall, serve, stream
 
 COMMANDS = {
     "stream": stream,
@@ -14,6 +14,7 @@ COMMANDS = {
     "engine-demo": engine_demo,
     "recall": recall,
     "calibrate": calibrate,
+    "serve": serve,
 }
 
 

@@ -14,13 +14,24 @@ from streamattn import parse_policy
 POLICY_HELP = (
     "'sinks=S,window=W', 'window=W', 'full', compressed 'sinks=S,window=W,budget=B,score=NAME,every=E' "
     "(NAME: knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]), or retrieval "
-    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,store=device|cpu|disk]'"
+    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,every=E][,store=device|cpu|disk]'"
 )
 
-__all__ = ["HF_MODULES", "POLICY_HELP", "add_model_args", "add_profile_arg", "cache_line", "needs_hf", "parse_policy"]
+__all__ = [
+    "HF_MODULES",
+    "POLICY_HELP",
+    "SERVE_MODULES",
+    "add_model_args",
+    "add_profile_arg",
+    "cache_line",
+    "needs_hf",
+    "needs_serve",
+    "parse_policy",
+]
 
 # top-level modules of the `hf` extra (pyproject.toml); a command that runs a model needs all of them
 HF_MODULES = ("transformers", "gguf", "accelerate", "psutil", "matplotlib")
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")  # the `serve` extra
 
 
 def add_model_args(p: argparse.ArgumentParser, policy: str = "sinks=4,window=1020") -> None:
@@ -51,27 +62,40 @@ def _missing(modules: tuple[str, ...]) -> list[str]:
     return missing
 
 
+def _needs(modules: tuple[str, ...], extras: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    def decorate(run: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(run)
+        def checked(args: argparse.Namespace, *rest, **kwargs) -> int:
+            missing = _missing(modules)
+            if missing:
+                command = getattr(args, "command", None) or run.__module__.rpartition(".")[2]
+                names = [f"'{x}'" for x in extras.split(",")]
+                what = f"the {' and '.join(names)} extra{'s' if len(names) > 1 else ''}"
+                print(
+                    f"streamattn {command}: error: this command needs {what} "
+                    f"(missing: {', '.join(missing)}); install it with: pip install 'streamattn[{extras}]'",
+                    file=sys.stderr,
+                )
+                return 2
+            return run(args, *rest, **kwargs)
+
+        return checked
+
+    return decorate
+
+
 def needs_hf(run: Callable[..., int]) -> Callable[..., int]:
     """Decorate a command's ``run``: without the ``hf`` extra it prints one line and returns 2.
 
     Checked before any argument is used or model loaded, so the user learns the fix at once rather
     than after a long run (``stream`` needs matplotlib only for its final plot).
     """
+    return _needs(HF_MODULES, "hf")(run)
 
-    @functools.wraps(run)
-    def checked(args: argparse.Namespace, *rest, **kwargs) -> int:
-        missing = _missing(HF_MODULES)
-        if missing:
-            command = getattr(args, "command", None) or run.__module__.rpartition(".")[2]
-            print(
-                f"streamattn {command}: error: this command needs the 'hf' extra "
-                f"(missing: {', '.join(missing)}); install it with: pip install 'streamattn[hf]'",
-                file=sys.stderr,
-            )
-            return 2
-        return run(args, *rest, **kwargs)
 
-    return checked
+def needs_serve(run: Callable[..., int]) -> Callable[..., int]:
+    """``needs_hf`` for the server: the ``hf`` and ``serve`` extras."""
+    return _needs(HF_MODULES + SERVE_MODULES, "hf,serve")(run)
 
 
 def cache_line(stream) -> str:

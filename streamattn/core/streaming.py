@@ -211,10 +211,14 @@ class StreamingAttention(nn.Module):
             "rebase_every": self.engine.rebase_every,
         }
 
-    def get_extra_state(self, copy: bool = True) -> dict[str, Any]:
+    def get_extra_state(self, copy: bool = True, rows: Sequence[int] | None = None) -> dict[str, Any]:
         """The whole stream state as plain dicts, ints and tensors (``torch.load(weights_only=True)``-safe);
-        ``copy=False``: the live buffers, for writing straight to a file (``hf.Stream.save``)."""
-        state = None if self.state is None else self.state.to_dict(copy)
+        ``copy=False``: the live buffers, for writing straight to a file (``hf.Stream.save``);
+        ``rows``: those streams only (a copy)."""
+        if rows is not None:
+            state = self.state.select(rows).to_dict(copy=False)
+        else:
+            state = None if self.state is None else self.state.to_dict(copy)
         return {"format": _FORMAT, "config": self._config(), "state": state}
 
     def set_extra_state(self, extra: Any) -> None:

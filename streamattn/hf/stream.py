@@ -188,17 +188,70 @@ class Stream:
             self.last_generated = list(new)
 
     # ------------------------------------------------------------------ save / restore
-    def state_dict(self, copy: bool = True) -> dict:
+    def state_dict(self, copy: bool = True, rows=None) -> dict:
         """The whole stream (every layer's cache and the next-token distribution) as plain data;
-        ``copy=False``: the live buffers (what ``save`` writes, never to keep)."""
-        keep = (lambda t: t.clone()) if copy else (lambda t: t)
+        ``copy=False``: the live buffers (what ``save`` writes, never to keep); ``rows``: only those
+        streams of a batch (copied), as a Stream of ``len(rows)`` streams would save them."""
+        if rows is not None:
+            rows = list(rows)
+            if not rows or any(
+                isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < (self._batch or 0) for r in rows
+            ):
+                raise ValueError(
+                    f"state_dict rows must be a non-empty list of rows in [0, {self._batch or 0}), got {rows}"
+                )
+        keep = (lambda t: t.clone()) if copy or rows is not None else (lambda t: t)
+        nxt = self._next if self._next is None or rows is None else [self._next[r] for r in rows]
         return {
             "format": _FORMAT,
             "config": self._config(),
-            "layers": [{"_extra_state": layer.attn.get_extra_state(copy)} for layer in self.cache.layers],
-            "batch": self._batch,
-            "next_logprobs": None if self._next is None else [None if x is None else keep(x) for x in self._next],
+            "layers": [{"_extra_state": layer.attn.get_extra_state(copy, rows)} for layer in self.cache.layers],
+            "batch": self._batch if rows is None else len(rows),
+            "next_logprobs": None if nxt is None else [None if x is None else keep(x) for x in nxt],
         }
+
+    # ------------------------------------------------------------------ batches that change
+    def select_streams(self, rows) -> None:
+        """Keep streams ``rows`` (in that order), drop the others: e.g. the requests of a batched
+        decode that are still running. Rows are checked before anything changes."""
+        n = self._batch or 0
+        rows = list(rows)
+        if not rows or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n for r in rows):
+            raise ValueError(f"select_streams takes a non-empty list of rows in [0, {n}), got {rows}")
+        for layer in self.cache.layers:
+            layer.attn.select_streams(rows)
+        self._batch = len(rows)
+        self._next = None if self._next is None else [self._next[r] for r in rows]
+
+    def add_streams(self, state: dict) -> None:
+        """Append the streams of ``state`` (a ``state_dict()`` of a Stream of the same configuration,
+        any batch size) after this one's: a session joins a running batch. Validated completely
+        before anything changes; the state's tensors are copied."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT or state.get("config") != self._config():
+            raise ValueError("add_streams takes a state_dict() of a Stream with the same model and configuration")
+        layers, nxt = state.get("layers"), state.get("next_logprobs")
+        if not isinstance(layers, list) or len(layers) != len(self.cache.layers):
+            raise ValueError("add_streams: the state has another number of layers")
+        loaded = []
+        for layer, saved in zip(self.cache.layers, layers, strict=True):
+            if not isinstance(saved, dict) or "_extra_state" not in saved:
+                raise ValueError("add_streams: a layer of the state is not a StreamingAttention state")
+            loaded.append(layer.attn._parse_state(saved["_extra_state"]))
+        if any(st is None for st in loaded):
+            raise ValueError("add_streams: the state holds no streams")
+        incoming = loaded[0].batch_size
+        if nxt is not None and not (isinstance(nxt, list) and len(nxt) == incoming):
+            raise ValueError("add_streams: next_logprobs must hold one entry per stream")
+        if self._batch is not None:
+            for layer, st in zip(self.cache.layers, loaded, strict=True):
+                layer.attn.state._check_compatible(st)  # dtype, device, heads: before any layer changes
+        for layer, st in zip(self.cache.layers, loaded, strict=True):
+            attn = layer.attn
+            attn.state = st if attn.state is None else type(attn.state).cat([attn.state, st])
+            attn._checked = None
+        mine = self._next or [None] * (self._batch or 0)
+        self._next = mine + [None if x is None else x.clone() for x in (nxt or [None] * incoming)]
+        self._batch = (self._batch or 0) + incoming
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the stream to ``path`` atomically (``storage.save_atomic``: the file holds the previous

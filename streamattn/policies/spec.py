@@ -46,7 +46,7 @@ from streamattn.policies.sink_window import SinkWindow
 
 _FORMS = (
     "'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B[,score=NAME][,every=E]', "
-    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,store=device|cpu|disk][,store_dir=PATH]' or 'full'"
+    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,every=E][,store=device|cpu|disk][,store_dir=PATH]' or 'full'"
 )
 _SCORERS = "knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]"
 _INTS = ("sinks", "window", "budget", "every", "block", "topk", "max_blocks")

@@ -217,3 +217,36 @@ def test_batched_streams_equal_each_stream_alone(smollm2, fresh_model, emma_ids)
         batch.feed([texts[0]])
     with pytest.raises(ValueError, match="single stream"):
         next(batch.generate(2))
+
+
+def test_streams_join_and_leave_a_running_batch(smollm2, fresh_model, emma_ids):
+    """``add_streams`` / ``select_streams`` / ``state_dict(rows=...)``: a batch that sessions join and
+    leave gives each of them what it would get alone."""
+    model, tokenizer = fresh_model, smollm2[1]
+    policy = sa.SinkWindow(sinks=4, window=24)
+    texts = [emma_ids[:40], emma_ids[100:117], emma_ids[200:260]]
+    alone = []
+    for x in texts:
+        s = Stream(model, tokenizer, policy, chunk_size=16)
+        s.feed(x[:-8])
+        alone.append(s.feed(x[-8:]))
+    solos = [Stream(model, tokenizer, policy, chunk_size=16) for _ in texts]
+    for s, x in zip(solos, texts, strict=True):
+        s.feed(x[:-8])
+    batch = Stream(model, tokenizer, policy, chunk_size=16)
+    batch.add_streams(solos[0].state_dict())
+    batch.add_streams(solos[2].state_dict())
+    with pytest.raises(ValueError, match="same model and configuration"):
+        batch.add_streams(Stream(model, tokenizer, sa.SinkWindow(4, 32)).state_dict())
+    out = batch.feed([texts[0][-8:-4], texts[2][-8:-4]])
+    taken = batch.state_dict(rows=[0])
+    batch.select_streams([1])
+    batch.add_streams(solos[1].state_dict())
+    again = Stream(model, tokenizer, policy, chunk_size=16)
+    again.add_streams(taken)
+    last = batch.feed([texts[2][-4:], texts[1][-8:]])
+    assert (torch.cat((out[0], again.feed(texts[0][-4:]))) - alone[0]).abs().max().item() < TOL
+    assert (torch.cat((out[1], last[0])) - alone[2]).abs().max().item() < TOL
+    assert (last[1] - alone[1]).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="rows in"):
+        batch.select_streams([2])
