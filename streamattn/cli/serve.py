@@ -25,6 +25,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve (a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (with --ray)")
 
 
 @needs_serve
@@ -34,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.state_dir is not None:
         args.state_dir.mkdir(parents=True, exist_ok=True)
-    policy = parse_policy(args.policy, args.profile)
+    policy = parse_policy(args.policy, args.profile)  # a bad spec fails here, before any model loads
+    if args.ray:
+        return _run_ray(args)
     model, tokenizer = load_model(args.model)
     app = create_app(
         model,
@@ -50,4 +54,31 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"streamattn serve: {args.model} ({args.policy}) on http://{args.host}:{args.port}", flush=True)
     serve(app, args.host, args.port)
+    return 0
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    try:
+        from streamattn.serve import scale
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray Serve (pip install 'ray[serve]'): {exc}") from None
+    if args.replicas < 1:
+        raise ValueError("--replicas must be >= 1")
+    app = scale.deployment(
+        args.model,
+        args.policy,
+        None if args.state_dir is None else args.state_dir.resolve(),
+        replicas=args.replicas,
+        profile=args.profile,
+        max_resident=args.max_resident,
+        max_sessions=args.max_sessions,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+    )
+    print(
+        f"streamattn serve: {args.model} ({args.policy}) on Ray Serve, {args.replicas} replicas, http://{args.host}:{args.port}",
+        flush=True,
+    )
+    scale.run(app, args.host, args.port)
     return 0

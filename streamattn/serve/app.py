@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -130,8 +131,11 @@ def create_app(
         wrong = request.headers.get("authorization", "") != f"Bearer {api_key}"
         if api_key is not None and request.url.path.startswith("/v1/") and wrong:
             metrics.requests.labels("401").inc()
-            return _error(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
-        return await call_next(request)
+            response = _error(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
+        else:
+            response = await call_next(request)
+        response.headers["X-Streamattn-Replica"] = str(os.getpid())  # which process served it (replicas)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -152,7 +156,7 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": model_name, "policy": policy_text}
+        return {"status": "ok", "model": model_name, "policy": policy_text, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -185,7 +189,11 @@ def create_app(
     async def feed(session_id: str, body: FeedBody):
         if not body.text or len(body.text) > MAX_TEXT:
             return _error(400, f"text must be 1..{MAX_TEXT} characters", "invalid_text", "text")
-        session = store.acquire(check_session_id(session_id))
+        check_session_id(session_id)
+        affinity = getattr(app.state, "affinity", None)
+        if affinity is not None:
+            await affinity(session_id)
+        session = store.acquire(session_id)
         job = Job(feed=body.text, max_tokens=0, session=session)
         events = await _run(job, session)
         if isinstance(events, JSONResponse):
@@ -225,12 +233,21 @@ def create_app(
         job.emit = lambda event: loop.call_soon_threadsafe(q.put_nowait, event)
         return q
 
-    def _session_of(request: Request, body: _Body) -> str | None:
-        sid = body.session_id or request.headers.get("x-session-id")
-        return None if sid is None else check_session_id(sid)
+    async def _session_of(request: Request, body: _Body | None) -> str | None:
+        """The request's session: ``session_id`` in the body, or the ``X-Session-Id`` header, or Ray
+        Serve's ``serve_multiplexed_model_id`` header (what routes a session to its replica)."""
+        sid = (body.session_id if body is not None else None) or request.headers.get("x-session-id")
+        sid = sid or request.headers.get("serve_multiplexed_model_id")
+        if sid is None:
+            return None
+        check_session_id(sid)
+        affinity = getattr(app.state, "affinity", None)
+        if affinity is not None:  # Ray Serve: tell the router this replica holds the session
+            await affinity(sid)
+        return sid
 
     async def _complete(request: Request, body: _Body, chat: bool):
-        sid = _session_of(request, body)
+        sid = await _session_of(request, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = 256 if max_tokens is None else max_tokens
         if max_tokens < 1:

@@ -10,6 +10,8 @@ asked for again. Without one, sessions live in memory only and ``max_sessions`` 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -80,7 +82,11 @@ class SessionStore:
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.max_sessions, self.max_resident = max_sessions, max_resident
         self._resident: OrderedDict[str, Session] = OrderedDict()
+        self._stamps: dict[str, tuple[int, int]] = {}  # (mtime_ns, size) of the file a resident copy matches
         self._busy: set[str] = set()
+        self._locks: dict[str, int] = {}  # lock files of the sessions this process serves now
+        if self.state_dir is not None:
+            (self.state_dir / ".locks").mkdir(exist_ok=True)
         self._lock = threading.Lock()
 
     def _path(self, session_id: str) -> Path:
@@ -100,15 +106,28 @@ class SessionStore:
         with self._lock:
             return len(self._resident)
 
+    def _stamp(self, session_id: str) -> tuple[int, int] | None:
+        try:
+            st = self._path(session_id).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
     def _find(self, session_id: str) -> Session | None:
         if session_id in self._resident:
-            self._resident.move_to_end(session_id)
-            return self._resident[session_id]
+            # another process sharing the state directory (a replica) may have moved it on or deleted it
+            if self.state_dir is None or self._stamp(session_id) == self._stamps.get(session_id):
+                self._resident.move_to_end(session_id)
+                return self._resident[session_id]
+            del self._resident[session_id]
         if self.state_dir is not None and self._path(session_id).is_file():
+            stamp = self._stamp(session_id)
             try:
                 session = Session.from_file(load_mapped(self._path(session_id)), session_id)
             except ValueError as exc:
                 raise SessionError(f"session {session_id!r} cannot be read: {exc}", 500, "corrupt_session") from None
+            if stamp is not None:
+                self._stamps[session_id] = stamp
             self._keep(session)
             return session
         return None
@@ -121,6 +140,7 @@ class SessionStore:
             if victim is None or self.state_dir is None:
                 break  # without a state directory nothing is dropped (max_sessions bounds them)
             del self._resident[victim]  # its file holds it (written at every commit)
+            self._stamps.pop(victim, None)
 
     def get(self, session_id: str) -> Session:
         """The session (loaded from disk if it is only there) or 404."""
@@ -132,24 +152,28 @@ class SessionStore:
         return session
 
     def acquire(self, session_id: str, create: bool = True) -> Session:
-        """The session for one request (created when new and ``create``); 409 while another request holds it."""
+        """The session for one request (created when new and ``create``); 409 while another request
+        holds it, in this process or in another sharing the state directory (a replica)."""
         check_session_id(session_id)
         with self._lock:
             if session_id in self._busy:
                 raise SessionError(
                     f"session {session_id!r} is serving another request; retry when it is done", 409, "session_busy"
                 )
-            session = self._find(session_id)
-            if session is None:
-                if not create:
+            self._lock_file(session_id)
+            try:
+                session = self._find(session_id)
+                if session is None and not create:
                     raise SessionError(f"no session {session_id!r}", 404, "session_not_found")
-                if len(set(self._resident) | self._on_disk()) >= self.max_sessions:
+                if session is None and len(set(self._resident) | self._on_disk()) >= self.max_sessions:
                     raise SessionError(
                         f"the server holds its maximum of {self.max_sessions} sessions", 429, "too_many_sessions"
                     )
-                session = Session(session_id)
+            except SessionError:
+                self._unlock_file(session_id)
+                raise
             self._busy.add(session_id)
-            return session
+            return session if session is not None else Session(session_id)
 
     def release(self, session: Session, commit: Session | None = None) -> None:
         """End a request: ``commit`` (the session after it) is written, atomically, before the
@@ -159,19 +183,49 @@ class SessionStore:
                 if self.state_dir is not None:
                     save_atomic(commit.to_file(), self._path(commit.id))
                 with self._lock:
+                    if self.state_dir is not None:
+                        self._stamps[commit.id] = self._stamp(commit.id)
                     self._keep(commit)
         finally:
             with self._lock:
                 self._busy.discard(session.id)
+                self._unlock_file(session.id)
 
     def delete(self, session_id: str) -> None:
         check_session_id(session_id)
         with self._lock:
             if session_id in self._busy:
                 raise SessionError(f"session {session_id!r} is serving a request", 409, "session_busy")
-            found = self._resident.pop(session_id, None) is not None
-            if self.state_dir is not None and self._path(session_id).is_file():
-                self._path(session_id).unlink()
-                found = True
+            self._lock_file(session_id)
+            try:
+                found = self._resident.pop(session_id, None) is not None
+                self._stamps.pop(session_id, None)
+                if self.state_dir is not None and self._path(session_id).is_file():
+                    self._path(session_id).unlink()
+                    found = True
+            finally:
+                self._unlock_file(session_id)
         if not found:
             raise SessionError(f"no session {session_id!r}", 404, "session_not_found")
+
+    def _lock_file(self, session_id: str) -> None:
+        """Hold ``.locks/<id>`` (``flock``: released by the kernel when the process dies) or 409."""
+        if self.state_dir is None:
+            return
+        fd = os.open(self.state_dir / ".locks" / session_id, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SessionError(
+                f"session {session_id!r} is serving another request (in another replica); retry when it is done",
+                409,
+                "session_busy",
+            ) from None
+        self._locks[session_id] = fd
+
+    def _unlock_file(self, session_id: str) -> None:
+        fd = self._locks.pop(session_id, None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
