@@ -71,9 +71,10 @@ class Server:
                 self.proc.wait()
 
 
-@pytest.fixture
-def server(smollm2, model_cache, tmp_path):
-    srv = Server(model_cache, tmp_path / "sessions", "--max-batch", "8")
+@pytest.fixture(scope="module")
+def server(smollm2, model_cache, tmp_path_factory):
+    """One server for the tests that need no restart (each uses its own sessions)."""
+    srv = Server(model_cache, tmp_path_factory.mktemp("sessions"), "--max-batch", "8")
     yield srv
     srv.stop()
 
@@ -113,11 +114,12 @@ def ask(client, session: str | None, content: str, max_tokens: int = 12) -> str:
 TURNS = ["Name a novel by Jane Austen.", "Who is its heroine?", "Describe her in one sentence."]
 
 
-def test_a_session_is_a_stream_fed_the_transcript_and_survives_restarts(server, smollm2, model_cache, tmp_path):
+def test_a_session_is_a_stream_fed_the_transcript_and_survives_restarts(smollm2, model_cache, tmp_path):
     """Three turns on one session, the server restarted between turns 1 and 2 (SIGTERM) and killed
     with SIGKILL in the middle of turn 3's generation: each completed turn equals a local Stream fed
     the same transcript, and after the kill the session is exactly as its last completed turn left it."""
     local = Local(*smollm2)
+    server = Server(model_cache, tmp_path / "sessions", "--max-batch", "8")
     client = server.client()
     assert ask(client, "alice", TURNS[0]) == local.chat(TURNS[0], 12)
     server.stop()
