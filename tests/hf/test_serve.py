@@ -74,7 +74,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(smollm2, model_cache, tmp_path_factory):
     """One server for the tests that need no restart (each uses its own sessions)."""
-    srv = Server(model_cache, tmp_path_factory.mktemp("sessions"), "--max-batch", "8")
+    srv = Server(model_cache, tmp_path_factory.mktemp("sessions"), "--max-batch", "8", "--max-resident", "2")
     yield srv
     srv.stop()
 
@@ -153,6 +153,8 @@ def test_a_session_is_a_stream_fed_the_transcript_and_survives_restarts(smollm2,
 
 
 def test_concurrent_sessions_are_batched_and_equal_each_alone(server, smollm2):
+    """8 sessions at once (one batched decode), each equal to its transcript alone; at most 2 stay
+    in the server's memory (--max-resident 2), so their second turns come back from disk."""
     n = 8
     prompts = [f"Write a line about the number {i}." for i in range(n)]
     answers: dict[int, str] = {}
@@ -172,8 +174,13 @@ def test_concurrent_sessions_are_batched_and_equal_each_alone(server, smollm2):
     assert not errors
     metrics = server.http("GET", "/metrics").text
     assert "streamattn_step_seconds" in metrics and "streamattn_queue_depth" in metrics
+    resident = next(line for line in metrics.splitlines() if line.startswith("streamattn_active_sessions "))
+    assert float(resident.split()[1]) <= 2  # the other sessions are on disk only
+    locals_ = [Local(*smollm2) for _ in range(n)]
     for i in range(n):
-        assert answers[i] == Local(*smollm2).chat(prompts[i], 10), i
+        assert answers[i] == locals_[i].chat(prompts[i], 10), i
+    for i in range(3):  # offloaded: the least recently used sessions live on disk only
+        assert ask(server.client(), f"user{i}", "And then?", max_tokens=6) == locals_[i].chat("And then?", 6), i
 
 
 def test_stateless_requests_streaming_and_completions(server, smollm2):
