@@ -263,11 +263,14 @@ class Engine:
 
 
 def _seen(state: dict) -> int:
-    first = state["layers"][0]["_extra_state"]["state"]
-    local = first.get("local", first) if isinstance(first, dict) else first
-    if "parts" in local:
-        local = local["parts"][0]
-    return int(local["seen"][0])
+    """Tokens the (one) stream of a Stream state has seen (any engine's layout)."""
+
+    def seen(raw: dict) -> int:
+        if "seen" in raw:
+            return int(raw["seen"][0])
+        return seen(raw["local"]) if "local" in raw else seen(raw["parts"][0])
+
+    return seen(state["layers"][0]["_extra_state"]["state"])
 
 
 def _nbytes(raw: Any) -> int:

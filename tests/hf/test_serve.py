@@ -320,3 +320,50 @@ def test_chat_turns_render_like_the_whole_conversation(smollm2):
         fed += answer + turns.close(new, answer, eos_fed=False)
         history += [*new, {"role": "assistant", "content": answer}]
     assert fed == tokenizer.apply_chat_template(history, tokenize=False)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    ["sinks=4,window=24,budget=40,score=h2o,every=8", "sinks=4,window=24,block=8,topk=2,every=4"],
+    ids=["compressed", "retrieval"],
+)
+def test_the_engine_serves_any_policy(smollm2, policy):
+    """The serving engine in-process (no HTTP): two turns of a session and a concurrent stateless
+    request under compressed and retrieval policies equal local Streams."""
+    import queue
+
+    from streamattn.serve import Engine, Job, SessionStore
+
+    model, tokenizer = smollm2
+    pol = sa.parse_policy(policy)
+    store = SessionStore(None)
+    engine = Engine(model, tokenizer, pol, store, max_batch=4)
+
+    def run(jobs):
+        events: queue.Queue = queue.Queue()
+        for i, job in enumerate(jobs):
+            job.emit = lambda e, i=i: events.put((i, e))
+            engine.submit(job)
+        done = {}
+        while len(done) < len(jobs):
+            i, e = events.get(timeout=300)
+            assert e["type"] != "error", e
+            if e["type"] == "done":
+                done[i] = e["text"]
+        return [done[i] for i in range(len(jobs))]
+
+    try:
+        local, other = Local(model, tokenizer), Stream(model, tokenizer, pol)
+        local.stream = Stream(model, tokenizer, pol)
+        for text in ("Name a novel by Jane Austen.", "Who wrote it?"):
+            new = [{"role": "user", "content": text}]
+            session = store.acquire("s")
+            prompt = ChatTurns(tokenizer, **session.chat).prompt(new)
+            got = run([Job(prompt, 10, session=session, new_messages=new), Job("Once upon a time", 10)])
+            assert got[0] == local.chat(text, 10)
+            other.feed("Once upon a time", scores=False)
+            assert got[1] == "".join(other.generate(10))
+            other = Stream(model, tokenizer, pol)
+        assert store.get("s").tokens == local.stream.seen
+    finally:
+        engine.stop()
