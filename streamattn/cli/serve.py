@@ -29,6 +29,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (with --ray)")
 
 
+def _limits(args: argparse.Namespace) -> dict:
+    """The app's options, the same for one process and for every Ray replica."""
+    return {
+        "model_name": args.model,
+        "max_sessions": args.max_sessions,
+        "max_resident": args.max_resident,
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "api_key": args.api_key,
+    }
+
+
 @needs_serve
 def run(args: argparse.Namespace) -> int:
     from streamattn.hf import load_model
@@ -40,18 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray:
         return _run_ray(args)
     model, tokenizer = load_model(args.model)
-    app = create_app(
-        model,
-        tokenizer,
-        policy,
-        model_name=args.model,
-        state_dir=args.state_dir,
-        max_sessions=args.max_sessions,
-        max_resident=args.max_resident,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        api_key=args.api_key,
-    )
+    app = create_app(model, tokenizer, policy, state_dir=args.state_dir, **_limits(args))
     print(f"streamattn serve: {args.model} ({args.policy}) on http://{args.host}:{args.port}", flush=True)
     serve(app, args.host, args.port)
     return 0
@@ -61,24 +62,12 @@ def _run_ray(args: argparse.Namespace) -> int:
     try:
         from streamattn.serve import scale
     except ImportError as exc:
-        raise ValueError(f"--ray needs Ray Serve (pip install 'ray[serve]'): {exc}") from None
+        raise ValueError(f"--ray needs Ray Serve (pip install 'streamattn[ray]'): {exc}") from None
     if args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
-    app = scale.deployment(
-        args.model,
-        args.policy,
-        None if args.state_dir is None else args.state_dir.resolve(),
-        replicas=args.replicas,
-        profile=args.profile,
-        max_resident=args.max_resident,
-        max_sessions=args.max_sessions,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        api_key=args.api_key,
-    )
-    print(
-        f"streamattn serve: {args.model} ({args.policy}) on Ray Serve, {args.replicas} replicas, http://{args.host}:{args.port}",
-        flush=True,
-    )
+    state_dir = None if args.state_dir is None else args.state_dir.resolve()
+    app = scale.deployment(args.policy, state_dir, replicas=args.replicas, profile=args.profile, **_limits(args))
+    where = f"on Ray Serve, {args.replicas} replicas, http://{args.host}:{args.port}"
+    print(f"streamattn serve: {args.model} ({args.policy}) {where}", flush=True)
     scale.run(app, args.host, args.port)
     return 0

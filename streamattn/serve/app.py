@@ -169,8 +169,7 @@ def create_app(
             "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "streamattn"}],
         }
 
-    @app.get("/v1/sessions/{session_id}")
-    async def get_session(session_id: str):
+    def _describe(session_id: str) -> dict:
         s = store.get(session_id)
         return {
             "id": s.id,
@@ -179,6 +178,10 @@ def create_app(
             "cache_bytes": s.cache_bytes,
             "policy": policy_text,
         }
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str):
+        return _describe(session_id)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
@@ -186,29 +189,16 @@ def create_app(
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     @app.post("/v1/sessions/{session_id}/feed")
-    async def feed(session_id: str, body: FeedBody):
+    async def feed(request: Request, session_id: str, body: FeedBody):
         if not body.text or len(body.text) > MAX_TEXT:
             return _error(400, f"text must be 1..{MAX_TEXT} characters", "invalid_text", "text")
-        check_session_id(session_id)
-        affinity = getattr(app.state, "affinity", None)
-        if affinity is not None:
-            await affinity(session_id)
-        session = store.acquire(session_id)
+        session = store.acquire(await _session_of(request, None, session_id))
         job = Job(feed=body.text, max_tokens=0, session=session)
         events = await _run(job, session)
-        if isinstance(events, JSONResponse):
-            return events
-        s = store.get(session_id)
-        return {
-            "id": s.id,
-            "object": "session",
-            "tokens": s.tokens,
-            "cache_bytes": s.cache_bytes,
-            "policy": policy_text,
-        }
+        return events if isinstance(events, JSONResponse) else _describe(session_id)
 
-    async def _run(job: Job, session) -> list[dict] | JSONResponse:
-        """Submit and wait for the whole answer (non-streaming)."""
+    def _submit(job: Job, session) -> asyncio.Queue | JSONResponse:
+        """Queue ``job``; its events arrive in the returned queue (or 429, the session released)."""
         q = _attach(job)
         try:
             engine.submit(job)
@@ -218,6 +208,13 @@ def create_app(
             return _error(
                 429, "the server is busy: too many requests waiting", "queue_full", headers={"Retry-After": "1"}
             )
+        return q
+
+    async def _run(job: Job, session) -> list[dict] | JSONResponse:
+        """Submit and wait for the whole answer (non-streaming)."""
+        q = _submit(job, session)
+        if isinstance(q, JSONResponse):
+            return q
         events = []
         while True:
             event = await q.get()
@@ -233,10 +230,10 @@ def create_app(
         job.emit = lambda event: loop.call_soon_threadsafe(q.put_nowait, event)
         return q
 
-    async def _session_of(request: Request, body: _Body | None) -> str | None:
-        """The request's session: ``session_id`` in the body, or the ``X-Session-Id`` header, or Ray
-        Serve's ``serve_multiplexed_model_id`` header (what routes a session to its replica)."""
-        sid = (body.session_id if body is not None else None) or request.headers.get("x-session-id")
+    async def _session_of(request: Request, body: _Body | None, path_id: str | None = None) -> str | None:
+        """The request's session: in the path, ``session_id`` in the body, or the ``X-Session-Id``
+        header, or Ray Serve's ``serve_multiplexed_model_id`` header (what routes a session to its replica)."""
+        sid = path_id or (body.session_id if body is not None else None) or request.headers.get("x-session-id")
         sid = sid or request.headers.get("serve_multiplexed_model_id")
         if sid is None:
             return None
@@ -319,15 +316,9 @@ def create_app(
                 "choices": [choice],
                 "usage": usage,
             }
-        q = _attach(job)
-        try:
-            engine.submit(job)
-        except QueueFull:
-            if session is not None:
-                store.release(session)
-            return _error(
-                429, "the server is busy: too many requests waiting", "queue_full", headers={"Retry-After": "1"}
-            )
+        q = _submit(job, session)
+        if isinstance(q, JSONResponse):
+            return q
 
         async def events():
             kind = "chat.completion.chunk" if chat else "text_completion"

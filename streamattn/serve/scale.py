@@ -13,22 +13,24 @@ session's next request, wherever it lands, resumes from its last snapshot.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
 
 
 def deployment(
-    model: str,
     policy: str,
     state_dir: Path,
     *,
+    model_name: str = "smollm2",
     replicas: int = 2,
     profile: Path | None = None,
     max_resident: int = 64,
     **app_kwargs,
 ):
-    """The bound Ray Serve application (``serve.run`` it)."""
+    """The bound Ray Serve application (``serve.run`` it): ``replicas`` copies of ``create_app``
+    for the model ``model_name`` (as ``load_model`` takes it) under the policy spec ``policy``."""
     from ray import serve
 
     if state_dir is None:
@@ -42,12 +44,12 @@ def deployment(
             from streamattn.hf import load_model
             from streamattn.serve.app import create_app
 
-            m, tokenizer = load_model(model)
+            m, tokenizer = load_model(model_name)
             app = create_app(
                 m,
                 tokenizer,
                 parse_policy(policy, profile),
-                model_name=model,
+                model_name=model_name,
                 state_dir=state_dir,
                 max_resident=max_resident,
                 **app_kwargs,
@@ -66,6 +68,10 @@ def deployment(
 def run(app, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Start a local Ray cluster (or join ``RAY_ADDRESS``), serve ``app`` on ``host:port`` until
     SIGINT/SIGTERM, then shut Serve and Ray down."""
+    # a loaded 2-core machine may take longer than Ray Serve's 5 s to answer its proxy's readiness
+    # check (Serve then kills the proxy): wait longer, unless the user says otherwise
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     import ray
     from ray import serve
 

@@ -31,7 +31,7 @@ KEY = "test-key"
 class Server:
     """A `streamattn serve` process on a free port of 127.0.0.1, stopped by the test."""
 
-    def __init__(self, cache: Path, state_dir: Path | None, *extra: str) -> None:
+    def __init__(self, cache: Path, state_dir: Path | None, *extra: str, start_s: float = 180) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -42,7 +42,7 @@ class Server:
             args += ["--state-dir", str(state_dir)]
         env = {**os.environ, "STREAMATTN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + start_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
@@ -52,7 +52,7 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError("server did not come up in 180 s")
+        raise RuntimeError(f"server did not come up in {start_s:.0f} s")
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)

@@ -27,7 +27,7 @@ def chat(server: Server, session: str, content: str, max_tokens: int = 8) -> htt
 
 
 def test_a_session_survives_the_death_of_its_replica(smollm2, model_cache, tmp_path):
-    srv = Server(model_cache, tmp_path / "sessions", "--ray", "--replicas", "2")
+    srv = Server(model_cache, tmp_path / "sessions", "--ray", "--replicas", "2", start_s=300)  # a Ray cluster first
     try:
         local = Local(*smollm2)
         first = chat(srv, "ray-session", "Name a novel by Jane Austen.")
