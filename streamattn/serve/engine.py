@@ -83,8 +83,11 @@ class Engine:
         self._batch: Stream | None = None
         self._rows: list[_Row] = []
         self._thread = threading.Thread(target=self._run, name="streamattn-engine", daemon=True)
+        self._writes: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="streamattn-writer", daemon=True)
         self._stopping = False
         self._thread.start()
+        self._writer.start()
 
     # ------------------------------------------------------------------ API (any thread)
     def submit(self, job: Job) -> None:
@@ -105,6 +108,8 @@ class Engine:
         self._stopping = True
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self._writes.put(None)
+        self._writer.join(timeout=30)
 
     # ------------------------------------------------------------------ the loop (engine thread)
     def _run(self) -> None:
@@ -150,8 +155,7 @@ class Engine:
             if ids.numel():
                 solo.feed(ids, scores=False)
             if job.max_tokens == 0:
-                self._commit(job, solo.state_dict(copy=False), [], None)
-                job.emit({"type": "done", "finish_reason": "fed", "text": ""})
+                self._done(job, solo.state_dict(), "", None, {"type": "done", "finish_reason": "fed", "text": ""})
                 return
             if solo.next_logprobs is None:
                 raise ValueError("nothing to continue: the session is empty and the request added no text")
@@ -230,21 +234,41 @@ class Engine:
             job.emit({"type": "error", "error": error or ConnectionAbortedError("cancelled")})
             return
         answer = row.pieces[0] if row.pieces else ""
+        self._done(job, state, answer, row.last_token, {"type": "done", "finish_reason": row.finish, "text": answer})
+
+    def _done(self, job: Job, state: dict, answer: str, last_token: int | None, event: dict) -> None:
+        """Close the turn here (it may feed the template's end of turn: a forward), then hand the
+        session to the writer thread, which acknowledges the request once its file is written."""
         try:
-            self._commit(job, state, [answer], row.last_token)
-        except Exception as exc:  # the reply cannot be made durable: do not acknowledge it
+            done = self._close_turn(job, state, answer, last_token)
+        except Exception as exc:
+            if job.session is not None:
+                self.store.release(job.session)
             job.emit({"type": "error", "error": exc})
             return
-        job.emit({"type": "done", "finish_reason": row.finish, "text": answer})
+        self._writes.put((job, done, event))
 
-    def _commit(self, job: Job, state: dict, answer: list[str], last_token: int | None) -> None:
-        """Close a chat turn (feeding the template's end of turn), then write the session."""
+    def _write_loop(self) -> None:
+        """Commits sessions off the engine thread (a write and an fsync per request), in order."""
+        while (item := self._writes.get()) is not None:
+            job, done, event = item
+            try:
+                if job.session is not None:
+                    self.store.release(job.session, commit=done)
+            except Exception as exc:  # the reply cannot be made durable: do not acknowledge it
+                job.emit({"type": "error", "error": exc})
+                continue
+            job.emit(event)
+
+    def _close_turn(self, job: Job, state: dict, answer: str, last_token: int | None) -> Session | None:
+        """The session after ``job`` (``state``: a copy, the stream after the reply): a chat turn
+        is closed as the template closes it (its end-of-turn text fed)."""
         if job.session is None:
-            return
+            return None
         session = job.session
         chat = ChatTurns(self.tokenizer, **session.chat)
-        if job.new_messages is not None and answer:
-            tail = chat.close(job.new_messages, answer[0], eos_fed=last_token == self.tokenizer.eos_token_id)
+        if job.new_messages is not None and job.max_tokens > 0:
+            tail = chat.close(job.new_messages, answer, eos_fed=last_token == self.tokenizer.eos_token_id)
             if tail:
                 solo = self._stream()
                 try:
@@ -253,13 +277,8 @@ class Engine:
                     state = solo.state_dict()
                 finally:
                     solo.close()
-        elif job.new_messages is not None:
-            chat.first = chat.first or job.new_messages[0]
-            chat.last = job.new_messages[-1]
         nbytes = sum(_nbytes(layer["_extra_state"]["state"]) for layer in state["layers"])
-        tokens = _seen(state)
-        done = Session(session.id, _detached(state), chat.to_dict(), tokens, nbytes)
-        self.store.release(session, commit=done)
+        return Session(session.id, state, chat.to_dict(), _seen(state), nbytes)
 
 
 def _seen(state: dict) -> int:
@@ -281,14 +300,3 @@ def _nbytes(raw: Any) -> int:
     if isinstance(raw, (list, tuple)):
         return sum(_nbytes(v) for v in raw)
     return 0
-
-
-def _detached(raw: Any) -> Any:
-    """A copy of a state that shares nothing with live buffers (what a session keeps)."""
-    if isinstance(raw, torch.Tensor):
-        return raw.clone()
-    if isinstance(raw, dict):
-        return {k: _detached(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_detached(v) for v in raw]
-    return raw
