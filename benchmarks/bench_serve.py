@@ -113,6 +113,7 @@ async def conversation(args, out: Path, console: Console) -> tuple[list[dict], l
                 console.print(
                     f"turn {i + 1}: {tokens:,} tokens, ttft {r['ttft'] * 1e3:.0f} ms, turn {r['latency']:.2f} s"
                 )
+        await client.close()
     finally:
         ours.stop()
     base = Server("full", None, 16)
@@ -123,6 +124,7 @@ async def conversation(args, out: Path, console: Console) -> tuple[list[dict], l
             r = await turn(client, history[: 2 * n - 1], args.reply, None)
             baseline.append({"turn": n, "tokens": rows[n - 1]["tokens"], "ttft": r["ttft"], "latency": r["latency"]})
             console.print(f"stateless, turn {n}: ttft {r['ttft']:.2f} s, turn {r['latency']:.2f} s")
+        await client.close()
     finally:
         base.stop()
     return rows, baseline
@@ -149,6 +151,7 @@ async def concurrency(args, out: Path, console: Console) -> list[dict]:
                 )
             )
             wall = time.perf_counter() - t0
+            await client.close()
         finally:
             server.stop()
         metrics_tokens = sum(r["pieces"] for r in done)
