@@ -262,6 +262,12 @@ class MemorySpec:
         return MemoryState(local, **store, choice=choice.clone(), placement=self.placement)
 
 
+def _slot_base(st: MemoryState) -> torch.Tensor:
+    """``[B, Hkv, 1]``: where each (stream, kv head)'s slots start among the flattened store's blocks."""
+    bsz, hkv, dev = st.batch_size, st.kv_heads, st.device
+    return ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * st.capacity)[:, :, None]
+
+
 def _union(chosen: torch.Tensor, ok: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct slots of ``chosen [B, Hkv, T, K]`` where ``ok``, per (stream, kv head), packed
     first: ``(union [B, Hkv, U], real [B, Hkv, U])`` with ``U >= 1`` the most any row has (padding:
@@ -436,9 +442,7 @@ class RetrievalEngine:
             if st.fetched is not None and st.fetched[0].dtype == cdt:  # the query block's blocks, gathered already
                 mem_k, mem_v = st.fetched
             else:
-                c = st.capacity
-                base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
-                mem_k, mem_v = self._fetch(st, base[..., None] + chosen, cdt, dev)
+                mem_k, mem_v = self._fetch(st, _slot_base(st)[..., None] + chosen, cdt, dev)
                 mem_k, mem_v = mem_k.view(bsz, hkv, kk * size, d), mem_v.view(bsz, hkv, kk * size, d)
                 if self.policy.every > 1:  # kept for the query block's other steps
                     st.fetched = (mem_k, mem_v)
@@ -682,8 +686,8 @@ class RetrievalEngine:
         blocks: each run of queries sharing a choice against its blocks, gathered once; otherwise the
         union of the blocks the segment's queries chose, gathered once per kv head with each query
         masked to its own, or, when the queries disagree, each query's own blocks."""
-        bsz, hkv, c, dev = qm.shape[0], st.kv_heads, st.capacity, qm.device
-        base = ((torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)) * c)[:, :, None]
+        c = st.capacity
+        base = _slot_base(st)
         every, t = self.policy.every, qm.shape[2]
         if every > 1 and t0 is not None:
             starts = [0, *range((-t0) % every or every, t, every)]  # queries where a new choice starts

@@ -14,6 +14,15 @@ from streamattn.hf.detok import IncrementalDetokenizer
 from streamattn.storage import load_mapped, save_atomic
 
 
+def sample_token(logprobs: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
+    """The next token from log-probabilities ``[V]``: the argmax at ``temperature == 0``, else a draw
+    from ``softmax(logprobs / temperature)`` with ``generator`` (what ``generate`` and the server use)."""
+    logprobs = logprobs.cpu()
+    if temperature == 0:
+        return int(logprobs.argmax())
+    return int(torch.multinomial(torch.softmax(logprobs / temperature, dim=-1), 1, generator=generator))
+
+
 class Stream:
     """An endless stream through ``model`` with a bounded cache (``policy``).
 
@@ -168,12 +177,7 @@ class Stream:
         self.last_generated = []
         try:
             for _ in range(max_new_tokens):
-                logprobs = self._next[0].cpu()
-                if temperature == 0:
-                    token = int(logprobs.argmax())
-                else:
-                    probs = torch.softmax(logprobs / temperature, dim=-1)
-                    token = int(torch.multinomial(probs, 1, generator=generator))
+                token = sample_token(self._next[0], temperature, generator)
                 self.feed(torch.tensor([token]))
                 new.append(token)
                 piece = text.push(token)  # waits for whole characters

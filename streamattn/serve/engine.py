@@ -24,6 +24,7 @@ import torch
 from streamattn.hf import Stream
 from streamattn.hf.chat import ChatTurns
 from streamattn.hf.detok import IncrementalDetokenizer
+from streamattn.hf.stream import sample_token
 from streamattn.serve.sessions import Session, SessionStore
 
 
@@ -100,10 +101,6 @@ class Engine:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    @property
-    def active(self) -> int:
-        return len(self._rows)
-
     def stop(self) -> None:
         self._stopping = True
         self._queue.put(None)
@@ -121,6 +118,8 @@ class Engine:
             except Exception as exc:  # never let the loop die: fail the rows in flight, keep serving
                 for row in self._rows:
                     self._finish(row, error=exc)
+                if self._batch is not None:
+                    self._batch.close()  # give the model back (attachments are counted)
                 self._rows, self._batch = [], None
 
     def _admit(self, block: bool) -> None:
@@ -171,16 +170,8 @@ class Engine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         eos = self.tokenizer.eos_token_id
-        nxt = self._batch._next
-        tokens = []
-        for row, logprobs in zip(self._rows, nxt, strict=True):
-            job = row.job
-            if job.temperature == 0:
-                token = int(logprobs.argmax())
-            else:
-                probs = torch.softmax(logprobs.float().cpu() / job.temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=row.generator))
-            tokens.append(token)
+        rows = zip(self._rows, self._batch._next, strict=True)
+        tokens = [sample_token(logprobs, row.job.temperature, row.generator) for row, logprobs in rows]
         self._batch.feed([torch.tensor([t]) for t in tokens], scores=False)
         self.on_step(len(self._rows), time.perf_counter() - t0)
         leaving = []
