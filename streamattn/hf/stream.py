@@ -197,13 +197,7 @@ class Stream:
         ``copy=False``: the live buffers (what ``save`` writes, never to keep); ``rows``: only those
         streams of a batch (copied), as a Stream of ``len(rows)`` streams would save them."""
         if rows is not None:
-            rows = list(rows)
-            if not rows or any(
-                isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < (self._batch or 0) for r in rows
-            ):
-                raise ValueError(
-                    f"state_dict rows must be a non-empty list of rows in [0, {self._batch or 0}), got {rows}"
-                )
+            rows = self._rows(rows, "state_dict rows must be")
         keep = (lambda t: t.clone()) if copy or rows is not None else (lambda t: t)
         nxt = self._next if self._next is None or rows is None else [self._next[r] for r in rows]
         return {
@@ -218,14 +212,18 @@ class Stream:
     def select_streams(self, rows) -> None:
         """Keep streams ``rows`` (in that order), drop the others: e.g. the requests of a batched
         decode that are still running. Rows are checked before anything changes."""
-        n = self._batch or 0
-        rows = list(rows)
-        if not rows or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n for r in rows):
-            raise ValueError(f"select_streams takes a non-empty list of rows in [0, {n}), got {rows}")
+        rows = self._rows(rows, "select_streams takes")
         for layer in self.cache.layers:
             layer.attn.select_streams(rows)
         self._batch = len(rows)
         self._next = None if self._next is None else [self._next[r] for r in rows]
+
+    def _rows(self, rows, what: str) -> list[int]:
+        """``rows`` as a non-empty list of this batch's row indices, or ``ValueError`` starting ``what``."""
+        n, rows = self._batch or 0, list(rows)
+        if not rows or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n for r in rows):
+            raise ValueError(f"{what} a non-empty list of rows in [0, {n}), got {rows}")
+        return rows
 
     def add_streams(self, state: dict) -> None:
         """Append the streams of ``state`` (a ``state_dict()`` of a Stream of the same configuration,

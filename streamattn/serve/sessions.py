@@ -98,10 +98,6 @@ class SessionStore:
             return set()
         return {p.stem for p in self.state_dir.glob("*.pt") if SESSION_ID.match(p.stem)}
 
-    def count(self) -> int:
-        with self._lock:
-            return len(set(self._resident) | self._on_disk())
-
     def resident(self) -> int:
         with self._lock:
             return len(self._resident)
