@@ -6,9 +6,13 @@ attn = sa.StreamingAttention(policy=sa.SinkWindow(sinks=4, window=1020),
 out = attn(q, k, v)   # q [B, Hq, T, D], k/v [B, Hkv, T, D]
 """
 
-from streamattn import masks, policies, reference
+from streamattn import encoder, masks, policies, reference
 from streamattn.core import RoPE, StateSpec, StreamingAttention, StreamState, engine_for, register_engine
+from streamattn.core.chunked import ChunkedAttention, ChunkedState
+from streamattn.core.conv import ConvState, StreamingConv1d
+from streamattn.encoder import AttentionStage, ConvStage, FrameStage, Residual, StreamingEncoder
 from streamattn.policies import (
+    ChunkedContext,
     Compressed,
     Full,
     IndexPolicy,
@@ -26,19 +30,30 @@ from streamattn.policies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionStage",
+    "ChunkedAttention",
+    "ChunkedContext",
+    "ChunkedState",
     "Compressed",
+    "ConvStage",
+    "ConvState",
+    "FrameStage",
     "Full",
     "IndexPolicy",
     "PerHead",
     "PerLayer",
     "Policy",
+    "Residual",
     "Retrieval",
     "RoPE",
     "SinkWindow",
     "StateSpec",
     "StreamState",
     "StreamingAttention",
+    "StreamingConv1d",
+    "StreamingEncoder",
     "WindowPolicy",
+    "encoder",
     "engine_for",
     "masks",
     "parse_policy",

@@ -6,7 +6,8 @@ model trained (or evaluated offline) with these masks gets the same outputs from
 additionally moves positions (StreamingLLM); no mask alone expresses that.
 
 - ``generate_mask_mod(policy)``: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``.
-- ``generate_sink_window(sinks, window)`` / ``generate_sliding_window(window)``: the same by name.
+- ``generate_sink_window(sinks, window)`` / ``generate_sliding_window(window)`` /
+  ``generate_chunked_context(chunk, left, lookahead)``: the same by name.
 - ``dense_mask(policy, q_len, kv_len)``: a ``[q_len, kv_len]`` bool mask for SDPA (True = attend).
 - ``block_mask(policy, q_len, kv_len)``: a FlexAttention ``BlockMask`` (imported lazily).
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from streamattn.policies import Policy, SinkWindow
+from streamattn.policies import ChunkedContext, Policy, SinkWindow
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +39,11 @@ def generate_sink_window(sinks: int, window: int) -> MaskMod:
 
 def generate_sliding_window(window: int) -> MaskMod:
     return generate_mask_mod(SinkWindow(sinks=0, window=window))
+
+
+def generate_chunked_context(chunk: int, left: int | None = None, lookahead: int = 0) -> MaskMod:
+    """A streaming encoder's mask (``ChunkedContext``): a chunk, ``left`` frames before it, ``lookahead`` after."""
+    return generate_mask_mod(ChunkedContext(chunk=chunk, left=left, lookahead=lookahead))
 
 
 def dense_mask(

@@ -16,6 +16,7 @@ import torch
 
 from streamattn.core.rope import RoPE
 from streamattn.policies import Compressed, Full, PerHead, Policy, Retrieval, SinkWindow
+from streamattn.policies.chunked_context import ChunkedContext
 
 
 def is_visible(policy: Policy, t: int, j: int) -> bool:
@@ -302,3 +303,43 @@ def _choose_blocks(q, k, policy, bi, h, heads, t, memory, rope, positions, w) ->
     scores = torch.maximum(qq * lo, qq * hi).sum(dim=(1, 2))  # over the G heads and D
     relevance = {blk: float(scores[i]) for i, blk in enumerate(blocks)}
     return sorted(sorted(memory, key=lambda blk: (-relevance[blk], -blk))[: policy.topk])
+
+
+def chunked_visible(policy: ChunkedContext, t: int, j: int) -> bool:
+    """``ChunkedContext``'s literal rule in plain Python integers."""
+    c = t // policy.chunk
+    if policy.left is not None and j // policy.chunk < c - policy.left // policy.chunk:
+        return False
+    return j < (c + 1) * policy.chunk + policy.lookahead
+
+
+def chunked_context_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: ChunkedContext,
+    lengths: list[int] | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """A chunked encoder's attention over whole utterances, in float64, one query at a time.
+
+    ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` (``Hq % Hkv == 0``: query head ``h`` reads kv
+    head ``h // (Hq / Hkv)``); stream ``b`` has ``lengths[b]`` frames (default ``T``), and query
+    ``t`` attends to the keys ``j < lengths[b]`` that ``chunked_visible`` allows (plain softmax).
+    Returns ``[B, Hq, T, D]`` float64, zeros past each stream's length.
+    """
+    b, hq, t, d = q.shape
+    group = hq // k.shape[1]
+    lengths = [t] * b if lengths is None else [int(n) for n in lengths]
+    scale = d**-0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(b, hq, t, d, dtype=torch.float64)
+    for bi, n in enumerate(lengths):
+        for ti in range(n):
+            keys = torch.tensor([j for j in range(n) if chunked_visible(policy, ti, j)])
+            kk = k[bi][:, keys].repeat_interleave(group, dim=0)  # [Hq, n_keys, D]: head h reads h // group
+            vv = v[bi][:, keys].repeat_interleave(group, dim=0)
+            w = torch.softmax((kk @ q[bi, :, ti, :, None])[..., 0] * scale, dim=-1)  # [Hq, n_keys]
+            out[bi, :, ti] = (w[:, None, :] @ vv)[:, 0]
+    return out

@@ -37,6 +37,12 @@ def register_engine(*policy_types: type):
 def engine_for(policy: Any) -> type:
     """The engine class registered for ``type(policy)``; ``TypeError`` naming the known policies."""
     engine_cls = _ENGINES.get(type(policy))
+    if engine_cls is None and getattr(policy, "kind", None) == "encoder":
+        raise TypeError(
+            f"{policy!r} is an encoder policy: its outputs come chunk by chunk, not one per token, so the "
+            "decoder operator StreamingAttention does not realise it; use streamattn.ChunkedAttention "
+            "(or an AttentionStage of a streamattn.StreamingEncoder)"
+        )
     if engine_cls is None:
         known = ", ".join(sorted(t.__name__ for t in _ENGINES))
         raise TypeError(f"no engine realises policy {policy!r}; policies with an engine: {known}")

@@ -6,6 +6,7 @@ from typing import Any
 
 from streamattn.policies import scores
 from streamattn.policies.base import IndexPolicy, Policy, WindowPolicy
+from streamattn.policies.chunked_context import ChunkedContext
 from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
 from streamattn.policies.per_head import PerHead
@@ -20,6 +21,7 @@ _REGISTRY: dict[str, type] = {
     "PerHead": PerHead,
     "PerLayer": PerLayer,
     "Retrieval": Retrieval,
+    "ChunkedContext": ChunkedContext,
 }
 
 
@@ -53,6 +55,7 @@ def state_config(config: Any) -> Any:
 from streamattn.policies.spec import parse_policy  # noqa: E402  (the spec grammar builds on the registry)
 
 __all__ = [
+    "ChunkedContext",
     "Compressed",
     "Full",
     "IndexPolicy",

@@ -4,7 +4,8 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
 
     spec    := "full" | "dense" | fields
     fields  := field ("," field)*          # "window" required; a repeated name: the last one wins
-    field   := ("sinks" | "window" | "budget" | "every" | "block" | "topk" | "max_blocks") "=" INT
+    field   := ("sinks" | "window" | "budget" | "every" | "block" | "topk" | "max_blocks"
+                | "chunk" | "left" | "lookahead") "=" INT
              | "score=" scorer
              | "store=" ("device" | "cpu" | "disk") | "store_dir=" PATH        # retrieval only
     scorer  := "knorm" | "tova" | "h2o" | "snapkv" [":" INT [":" INT]]     # snapkv:WINDOW:KERNEL
@@ -21,6 +22,9 @@ Grammar (``full``/``dense`` in any case; whitespace around names and values igno
                                every to 1: each query chooses its own blocks)
     "sinks=4,window=1020,block=128,store=disk[,store_dir=/scratch]"
                             -> the store memory-mapped on disk (same results, other placement)
+    "chunk=50,left=400,lookahead=10"
+                            -> ChunkedContext(50, 400, 10)   (an encoder's chunks; no left: unbounded,
+                               no lookahead: 0)
 
 An absent ``sinks`` is 0 in every form. Two forms need a calibration profile (``streamattn
 calibrate``; ``profile=`` path or dict) and give a ``PerLayer`` policy for a whole model:
@@ -38,6 +42,7 @@ specs raise ``ValueError`` naming the expected forms; out-of-range values raise 
 from __future__ import annotations
 
 from streamattn.policies.base import Policy
+from streamattn.policies.chunked_context import ChunkedContext
 from streamattn.policies.compressed import Compressed
 from streamattn.policies.full import Full
 from streamattn.policies.retrieval import Retrieval
@@ -46,10 +51,12 @@ from streamattn.policies.sink_window import SinkWindow
 
 _FORMS = (
     "'sinks=S,window=W', 'window=W', 'sinks=S,window=W,budget=B[,score=NAME][,every=E]', "
-    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,every=E][,store=device|cpu|disk][,store_dir=PATH]' or 'full'"
+    "'sinks=S,window=W,block=N,topk=K[,max_blocks=M][,every=E][,store=device|cpu|disk][,store_dir=PATH]', "
+    "'chunk=C[,left=L][,lookahead=R]' or 'full'"
 )
 _SCORERS = "knorm, tova, h2o, snapkv[:WINDOW[:KERNEL]]"
-_INTS = ("sinks", "window", "budget", "every", "block", "topk", "max_blocks")
+_INTS = ("sinks", "window", "budget", "every", "block", "topk", "max_blocks", "chunk", "left", "lookahead")
+_CHUNKED = ("chunk", "left", "lookahead")
 _RETRIEVAL = ("block", "topk", "max_blocks")
 
 
@@ -84,6 +91,9 @@ def policy_spec(policy: Policy) -> str:
     """A policy as a spec string (``parse_policy(policy_spec(p)) == p`` for the policies a string can carry)."""
     if isinstance(policy, Full):
         return "full"
+    if isinstance(policy, ChunkedContext):
+        left = "" if policy.left is None else f",left={policy.left}"
+        return f"chunk={policy.chunk}{left},lookahead={policy.lookahead}"
     if isinstance(policy, SinkWindow):
         return f"sinks={policy.sinks},window={policy.window}" if policy.sinks else f"window={policy.window}"
     if isinstance(policy, Retrieval):
@@ -157,6 +167,10 @@ def parse_policy(spec: str, profile: object = None) -> Policy:
         if key not in _INTS or not _is_int(value):
             raise ValueError(f"bad policy {spec!r}: expected {_FORMS}")
         fields[key] = int(value)
+    if any(key in fields for key in _CHUNKED):
+        if "chunk" not in fields or set(fields) - set(_CHUNKED) or score is not None or placement or qfilters:
+            raise ValueError(f"bad policy {spec!r}: an encoder policy is 'chunk=C[,left=L][,lookahead=R]' alone")
+        return ChunkedContext(fields["chunk"], fields.get("left"), fields.get("lookahead", 0))
     if "window" not in fields:
         raise ValueError(f"bad policy {spec!r}: 'window=W' is required (or 'full')")
     sinks = fields.get("sinks", 0)
