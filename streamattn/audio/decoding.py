@@ -1,0 +1,181 @@
+"""Whisper's decoder over a window of encoder frames: greedy, with timestamps, and LocalAgreement.
+
+``decode_window`` reads the encoder frames of one window (at most 30 s: 1,500 frames of 20 ms) and
+returns timed segments, with OpenAI's timestamp rules (a window starts with a timestamp, at most 1 s
+in; timestamps come in pairs and never go back; a timestamp is forced when timestamps are more
+probable together than any text token; none past the window's end). ``Agreement`` turns successive
+hypotheses of a growing window into committed words (LocalAgreement-2, Macháček et al. 2023, "Turning
+Whisper into Real-Time Transcription System"): a word is final once two successive hypotheses agree
+on it and on everything before it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+SECONDS_PER_FRAME = 0.02  # Whisper's encoder frames (and its timestamp tokens): 20 ms
+MAX_INITIAL_TIMESTAMP = 50  # <|1.00|>: a window's first timestamp comes within its first second
+
+
+@dataclass
+class Segment:
+    """Text between two timestamps of a window, in frames from the window's start (``end`` None: open)."""
+
+    start: int
+    end: int | None
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word and its end, in seconds of the stream (``end``: interpolated within its segment)."""
+
+    text: str
+    end: float
+
+
+def normalise(word: str) -> str:
+    """Lowercase, letters and digits only: how hypotheses are compared (and WER computed)."""
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+@torch.inference_mode()
+def decode_window(
+    model, frames: torch.Tensor, prompt: list[int], prefix: Sequence[int] = (), max_tokens: int = 224
+) -> list[int]:
+    """Greedy timestamped decoding of ``frames [T, d_model]`` (a window's encoder output) after
+    ``prompt`` (ids of the text before the window, sent as ``<|startofprev|>`` context), continuing
+    the forced ``prefix`` (tokens already committed in this window). Returns the new tokens (timestamps
+    included, ``<|endoftext|>`` not). A loop (the last 1-16 tokens three times in a row, Whisper's
+    failure on a window cut mid-speech) ends decoding and is cut to its first occurrence."""
+    gen = model.generation_config
+    sot, eot, prev, no_ts = (
+        gen.decoder_start_token_id,
+        gen.eos_token_id,
+        gen.prev_sot_token_id,
+        gen.no_timestamps_token_id,
+    )
+    ts_begin = no_ts + 1  # <|0.00|>
+    n_frames = frames.shape[0]
+    room = model.config.max_target_positions - len(prefix) - max_tokens - 2
+    context = [prev, *prompt[-max(room, 0) :], sot] if prompt and room > 0 else [sot]
+    suppress = torch.tensor([*(gen.suppress_tokens or []), no_ts], dtype=torch.long)
+    encoded = (frames[None].to(model.dtype),)
+    tokens, new = list(prefix), []
+    step, cache = torch.tensor([context + tokens]), None
+    while len(new) < max_tokens:
+        out = model(encoder_outputs=encoded, decoder_input_ids=step, past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1].float()
+        logits[suppress] = -torch.inf
+        _timestamp_rules(logits, tokens, ts_begin, eot, n_frames)
+        token = int(logits.argmax())
+        if token == eot:
+            break
+        tokens.append(token)
+        new.append(token)
+        if (loop := _loop(new)) is not None:
+            return new[:loop]
+        step, cache = torch.tensor([[token]]), out.past_key_values
+    return new
+
+
+def _loop(tokens: list[int], repeats: int = 3, longest: int = 16) -> int | None:
+    """Where the loop at the end of ``tokens`` starts repeating (cut there), or None."""
+    for n in range(1, longest + 1):
+        if len(tokens) >= repeats * n and all(
+            tokens[-n:] == tokens[len(tokens) - (r + 1) * n : len(tokens) - r * n] for r in range(1, repeats)
+        ):
+            return len(tokens) - (repeats - 1) * n
+    return None
+
+
+def _timestamp_rules(logits: torch.Tensor, tokens: list[int], ts_begin: int, eot: int, n_frames: int) -> None:
+    """OpenAI Whisper's ``ApplyTimestampRules``, plus: no timestamp past the window's last frame."""
+    logits[ts_begin + n_frames + 1 :] = -torch.inf
+    if not tokens:
+        logits[:ts_begin] = -torch.inf  # a window opens with a timestamp
+        logits[ts_begin + MAX_INITIAL_TIMESTAMP + 1 :] = -torch.inf
+        return
+    last_ts = tokens[-1] >= ts_begin
+    penultimate_ts = len(tokens) < 2 or tokens[-2] >= ts_begin
+    if last_ts:
+        if penultimate_ts:
+            logits[ts_begin:] = -torch.inf  # a pair closed: text (or the end) follows
+        else:
+            logits[:eot] = -torch.inf  # a segment's end: a timestamp or the end follows
+    stamps = [t for t in tokens if t >= ts_begin]
+    if stamps:
+        floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+        logits[ts_begin:floor] = -torch.inf  # never back in time
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if torch.logsumexp(logprobs[ts_begin:], dim=-1) > logprobs[:ts_begin].max():
+        logits[:ts_begin] = -torch.inf
+
+
+def _segments(tokens: list[int], ts_begin: int) -> list[Segment]:
+    segments: list[Segment] = []
+    current: Segment | None = None
+    for token in tokens:
+        if token >= ts_begin:
+            frame = token - ts_begin
+            if current is not None and current.tokens:
+                current.end = frame
+                segments.append(current)
+                current = None
+            else:
+                current = Segment(frame, None)
+        else:
+            if current is None:
+                current = Segment(segments[-1].end if segments else 0, None)
+            current.tokens.append(token)
+    if current is not None and current.tokens:
+        segments.append(current)
+    return segments
+
+
+def words_of(tokens: list[int], tokenizer, ts_begin: int, origin: float, window_end: float) -> list[Word]:
+    """The words of a window's tokens, each ending where its segment's timestamps place it (by
+    character position between them; an open segment ends at ``window_end``), in stream seconds."""
+    out = []
+    for seg in _segments(tokens, ts_begin):
+        text = tokenizer.decode(seg.tokens, skip_special_tokens=True)
+        start = origin + seg.start * SECONDS_PER_FRAME
+        end = origin + seg.end * SECONDS_PER_FRAME if seg.end is not None else window_end
+        length = max(len(text.rstrip()), 1)
+        out += [Word(m.group(), start + (end - start) * m.end() / length) for m in re.finditer(r"\S+", text)]
+    return out
+
+
+class Agreement:
+    """LocalAgreement-2 on tokens: ``update(hypothesis)`` returns how many of its first tokens are final.
+
+    ``hypothesis`` continues the tokens already committed in the window (decoded with them forced,
+    so committed text is never decoded again). Final: the longest common prefix of this hypothesis
+    and the previous one, cut back to a word start in both (a token opening a word, i.e. starting
+    with a space, or a timestamp), so only whole words are ever committed.
+    """
+
+    def __init__(self, starts_word) -> None:
+        self.starts_word = starts_word  # token id -> bool
+        self.previous: list[int] | None = None
+
+    def update(self, hypothesis: list[int]) -> int:
+        previous, self.previous = self.previous, hypothesis
+        if previous is None:
+            return 0
+        n = 0
+        while n < min(len(hypothesis), len(previous)) and hypothesis[n] == previous[n]:
+            n += 1
+        while n > 0 and not (
+            n < len(hypothesis)
+            and n < len(previous)
+            and self.starts_word(hypothesis[n])
+            and self.starts_word(previous[n])
+        ):
+            n -= 1
+        self.previous = hypothesis[n:]
+        return n

@@ -1,0 +1,199 @@
+"""Whisper, streamed: log-mel frames -> a chunked encoder with caches -> incremental decoding.
+
+The encoder is transformers' ``WhisperEncoder`` (its own modules, weights untouched) rebuilt as a
+``streamattn.encoder.StreamingEncoder``: two convolutions with caches, the position embedding, and
+each self-attention restricted to ``ChunkedContext(chunk, left, lookahead)`` (Whisper was trained
+with full attention over 30 s; the README measures what the restriction costs). Past Whisper's 30 s
+(1,500 frames) a frame takes the position ``t mod 1500``.
+
+The decoder reads a *window*: the encoder frames of the current 30 s *epoch* (frames ``[1500 k,
+1500 (k + 1))``, whose positions are exactly Whisper's 0..1499: a window that started elsewhere, or
+was padded with made-up silence, measurably confuses the decoder). After every chunk it decodes the
+window again (greedy, timestamps, the committed text before it as prompt, at most ~6 tokens per
+second of audio) and commits the words two successive hypotheses agree on (LocalAgreement-2); when
+the epoch is complete, or the stream ends, everything is committed and the next window starts.
+Words spoken across an epoch's end are cut, as in offline Whisper's consecutive 30 s windows. So
+the encoder's state, the window (<= 1,500 frames) and the prompt (<= 200 tokens) are bounded,
+whatever the stream's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from streamattn.audio.decoding import SECONDS_PER_FRAME, Agreement, Word, decode_window, words_of
+from streamattn.audio.features import LogMelStream
+from streamattn.encoder import AttentionStage, ConvStage, FrameStage, StreamingEncoder
+from streamattn.policies.chunked_context import ChunkedContext
+
+FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
+
+
+def seconds_to_frames(seconds: float, what: str) -> int:
+    frames = round(seconds * FRAMES_PER_SECOND)
+    if abs(frames - seconds * FRAMES_PER_SECOND) > 1e-6 or frames < 0:
+        raise ValueError(f"{what} must be a non-negative multiple of 0.02 s (one encoder frame), got {seconds}")
+    return frames
+
+
+def context_policy(chunk: float = 1.0, left: float | None = 8.0, lookahead: float = 0.2) -> ChunkedContext:
+    """``ChunkedContext`` in encoder frames from seconds (``left=None``: all the past)."""
+    c = seconds_to_frames(chunk, "chunk")
+    left_frames = None if left is None else seconds_to_frames(left, "left")
+    if left_frames is not None and left_frames % c:
+        raise ValueError(f"left ({left} s) must be a multiple of chunk ({chunk} s)")
+    return ChunkedContext(chunk=c, left=left_frames, lookahead=seconds_to_frames(lookahead, "lookahead"))
+
+
+def whisper_encoder(model, policy: ChunkedContext) -> StreamingEncoder:
+    """transformers' Whisper encoder as a ``StreamingEncoder``: input ``[B, T, n_mels]`` log-mel frames,
+    output ``[B, T / 2, d_model]`` (what ``WhisperEncoder`` gives, with ``policy``'s attention)."""
+    enc = model.get_encoder()
+    positions = enc.embed_positions.weight  # [1500, d_model]
+    n_pos = positions.shape[0]
+    stages = [
+        ConvStage(enc.conv1),
+        FrameStage(F.gelu),
+        ConvStage(enc.conv2),
+        FrameStage(F.gelu),
+        FrameStage(lambda x, t: x + positions[t % n_pos], index=True),
+    ]
+    for layer in enc.layers:
+        stages.append(AttentionStage(policy, _pre(layer), _post(layer), scale=layer.self_attn.scaling))
+    stages.append(FrameStage(enc.layer_norm))
+    return StreamingEncoder(stages)
+
+
+def _pre(layer):
+    attn = layer.self_attn
+    heads, dim = attn.num_heads, attn.head_dim
+
+    def pre(x: torch.Tensor):  # x [B, T, d_model] -> q, k, v [B, H, T, D]
+        h = layer.self_attn_layer_norm(x)
+        split = lambda t: t.unflatten(-1, (heads, dim)).transpose(1, 2)  # noqa: E731
+        return split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+
+    return pre
+
+
+def _post(layer):
+    def post(x: torch.Tensor, attn: torch.Tensor):  # x [B, E, d_model], attn [B, H, E, D]
+        x = x + layer.self_attn.out_proj(attn.transpose(1, 2).flatten(2))
+        h = layer.final_layer_norm(x)
+        return x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+
+    return post
+
+
+@dataclass
+class _Window:
+    """One stream's decoding window: encoder frames from ``origin`` (stream frame) on, and its text."""
+
+    frames: torch.Tensor
+    agreement: Agreement
+    origin: int = 0
+    forced: list[int] = field(default_factory=list)  # tokens committed in this window (timestamps too)
+    committed: list[Word] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)  # text before this window
+
+
+class StreamingTranscriber:
+    """Transcribe ``batch`` audio streams as they arrive (16 kHz float samples).
+
+    ``push(audio [B, S], counts=None) -> list[list[Word]]``: the words each stream committed during
+    this call (final: never revised); ``finish()`` flushes every stream and commits the rest.
+    ``committed[b]``: all words of stream ``b`` so far. The encoder runs batched over the streams;
+    the decoder reads each stream's window in turn.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        chunk: float = 1.0,
+        left: float | None = 8.0,
+        lookahead: float = 0.2,
+        batch: int = 1,
+    ) -> None:
+        self.policy = context_policy(chunk, left, lookahead)
+        self.model, self.tokenizer = model, processor.tokenizer
+        mel = torch.as_tensor(processor.feature_extractor.mel_filters, dtype=torch.float32)
+        self.features = LogMelStream(mel, batch)
+        self.encoder = whisper_encoder(model, self.policy)
+        self.epoch = model.config.max_source_positions  # 1500 frames: 30 s, the position period
+        d_model = model.config.d_model
+        self.ts_begin = model.generation_config.no_timestamps_token_id + 1
+        vocabulary = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        opens = [t is None or t.startswith("Ġ") for t in vocabulary]  # a space before it: a new word
+        self._starts_word = lambda token: token >= self.ts_begin or (token < len(opens) and opens[token])
+        self.windows = [
+            _Window(torch.zeros(0, d_model, dtype=model.dtype), Agreement(self._starts_word)) for _ in range(batch)
+        ]
+        self.samples = [0] * batch
+        self.batch = batch
+
+    @property
+    def committed(self) -> list[list[Word]]:
+        return [w.committed for w in self.windows]
+
+    def push(self, audio: torch.Tensor, counts: Sequence[int] | None = None) -> list[list[Word]]:
+        audio = torch.as_tensor(audio)
+        if audio.dim() == 1:
+            audio = audio[None]
+        mel, emitted = self.features.push(audio, None if counts is None else list(counts))
+        self.samples = [s + c for s, c in zip(self.samples, counts or [audio.shape[1]] * self.batch, strict=True)]
+        return self._advance(mel, emitted, final=False)
+
+    def finish(self) -> list[list[Word]]:
+        mel, emitted = self.features.finish()
+        return self._advance(mel, emitted, final=True)
+
+    def _advance(self, mel: torch.Tensor, emitted: list[int], final: bool) -> list[list[Word]]:
+        x = mel.transpose(1, 2).to(self.model.dtype)  # [B, F, n_mels]
+        out, n = self.encoder.push(x, emitted, final=[final] * self.batch)  # [B, E, d_model]
+        new: list[list[Word]] = [[] for _ in range(self.batch)]
+        for b, window in enumerate(self.windows):
+            frames = out[b, : n[b]]
+            while True:  # a push may cross an epoch's end: close that window, go on in the next
+                room = self.epoch - window.frames.shape[0]
+                take, frames = frames[:room], frames[room:]
+                window.frames = torch.cat([window.frames, take])
+                last = final and not frames.shape[0]
+                if take.shape[0] or last:
+                    new[b] += self._decode(window, closing=last or window.frames.shape[0] == self.epoch)
+                if not frames.shape[0]:
+                    break
+        return new
+
+    def _decode(self, w: _Window, closing: bool) -> list[Word]:
+        """Decode the window again (its committed tokens forced) and commit what two hypotheses
+        agree on; when ``closing`` (the epoch is complete, or the stream ended) commit it all."""
+        if not w.frames.shape[0]:
+            return []
+        seconds = w.frames.shape[0] * SECONDS_PER_FRAME
+        budget = max(8, 8 + round(6 * seconds) - len(w.forced))  # ~3x fast speech: loops end early
+        hypothesis = decode_window(self.model, w.frames, w.prompt, w.forced, max_tokens=budget)
+        final = len(hypothesis) if closing else w.agreement.update(hypothesis)
+        new: list[Word] = []
+        if final:
+            origin = w.origin * SECONDS_PER_FRAME
+            before = len(words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds))
+            w.forced = w.forced + hypothesis[:final]
+            new = words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds)[before:]
+            self._commit(w, new)
+        if closing:
+            w.origin += w.frames.shape[0]
+            w.frames, w.forced, w.agreement = w.frames[:0], [], Agreement(self._starts_word)
+        return new
+
+    def _commit(self, w: _Window, words: list[Word]) -> None:
+        if not words:
+            return
+        w.committed += words
+        text = " " + " ".join(word.text for word in w.committed[-64:])
+        w.prompt = self.tokenizer.encode(text, add_special_tokens=False)[-200:]
