@@ -43,43 +43,93 @@ def normalise(word: str) -> str:
     return re.sub(r"[^\w']", "", word.lower())
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Request:
+    """One window to decode: ``frames [T, d_model]`` (its encoder output), ``prompt`` (ids of the
+    text before the window, sent as ``<|startofprev|>`` context), ``prefix`` (tokens already
+    committed in this window: forced, never decoded again) and ``max_tokens`` new tokens at most."""
+
+    frames: torch.Tensor
+    prompt: Sequence[int] = ()
+    prefix: Sequence[int] = ()
+    max_tokens: int = 224
+
+
 def decode_window(
-    model, frames: torch.Tensor, prompt: list[int], prefix: Sequence[int] = (), max_tokens: int = 224
+    model, frames: torch.Tensor, prompt: Sequence[int] = (), prefix: Sequence[int] = (), max_tokens: int = 224
 ) -> list[int]:
-    """Greedy timestamped decoding of ``frames [T, d_model]`` (a window's encoder output) after
-    ``prompt`` (ids of the text before the window, sent as ``<|startofprev|>`` context), continuing
-    the forced ``prefix`` (tokens already committed in this window). Returns the new tokens (timestamps
-    included, ``<|endoftext|>`` not). A loop (the last 1-16 tokens three times in a row, Whisper's
-    failure on a window cut mid-speech) ends decoding and is cut to its first occurrence."""
-    gen = model.generation_config
-    sot, eot, prev, no_ts = (
-        gen.decoder_start_token_id,
-        gen.eos_token_id,
-        gen.prev_sot_token_id,
-        gen.no_timestamps_token_id,
-    )
-    ts_begin = no_ts + 1  # <|0.00|>
-    n_frames = frames.shape[0]
-    room = model.config.max_target_positions - len(prefix) - max_tokens - 2
-    context = [prev, *prompt[-max(room, 0) :], sot] if prompt and room > 0 else [sot]
-    suppress = torch.tensor([*(gen.suppress_tokens or []), no_ts], dtype=torch.long)
-    encoded = (frames[None].to(model.dtype),)
-    tokens, new = list(prefix), []
-    step, cache = torch.tensor([context + tokens]), None
-    while len(new) < max_tokens:
-        out = model(encoder_outputs=encoded, decoder_input_ids=step, past_key_values=cache, use_cache=True)
-        logits = out.logits[0, -1].float()
-        logits[suppress] = -torch.inf
-        _timestamp_rules(logits, tokens, ts_begin, eot, n_frames)
-        token = int(logits.argmax())
-        if token == eot:
-            break
-        tokens.append(token)
-        new.append(token)
-        if (loop := _loop(new)) is not None:
-            return new[:loop]
-        step, cache = torch.tensor([[token]]), out.past_key_values
+    """``decode_windows`` of one window."""
+    return decode_windows(model, [Request(frames, prompt, prefix, max_tokens)])[0]
+
+
+@torch.inference_mode()
+def decode_windows(model, requests: Sequence[Request]) -> list[list[int]]:
+    """Greedy timestamped decoding of several windows in one batch; returns each one's new tokens
+    (timestamps included, ``<|endoftext|>`` not).
+
+    One decoder forward per step for all windows: contexts are left-padded (masked, positions
+    counted from each row's first real token), encoder frames right-padded (masked in the
+    cross-attention), finished rows ride along until the last one ends. A loop (the last 1-16
+    tokens three times in a row: Whisper's failure on a window cut mid-speech) ends a row and is
+    cut to its first occurrence.
+    """
+    gen, config, decoder = model.generation_config, model.config, model.get_decoder()
+    sot, eot, prev = gen.decoder_start_token_id, gen.eos_token_id, gen.prev_sot_token_id
+    ts_begin = gen.no_timestamps_token_id + 1  # <|0.00|>
+    suppress = torch.tensor([*(gen.suppress_tokens or []), gen.no_timestamps_token_id], dtype=torch.long)
+    b = len(requests)
+    contexts = []
+    for r in requests:
+        room = config.max_target_positions - len(r.prefix) - r.max_tokens - 2
+        head = [prev, *list(r.prompt)[-room:], sot] if r.prompt and room > 0 else [sot]
+        contexts.append(head + list(r.prefix))
+    width, frames = max(map(len, contexts)), max(r.frames.shape[0] for r in requests)
+    pads = [width - len(c) for c in contexts]
+    ids = torch.tensor([[eot] * p + c for p, c in zip(pads, contexts, strict=True)])  # [B, L]
+    encoded = torch.zeros(b, frames, config.d_model, dtype=model.dtype)
+    for i, r in enumerate(requests):
+        encoded[i, : r.frames.shape[0]] = r.frames
+    neg = torch.finfo(model.dtype).min
+    n_frames = torch.tensor([r.frames.shape[0] for r in requests])
+    cross = torch.where(torch.arange(frames)[None] < n_frames[:, None], 0.0, neg).to(model.dtype)[:, None, None]
+    pad = torch.tensor(pads)
+    real = torch.arange(width)[None] >= pad[:, None]  # [B, L] keys that exist
+    causal = torch.arange(width)[None, :] <= torch.arange(width)[:, None]  # [L, L]
+    self_mask = torch.where(causal[None] & real[:, None], 0.0, neg).to(model.dtype)[:, None]  # [B, 1, L, L]
+    positions = (torch.arange(width)[None] - pad[:, None]).clamp(min=0)  # [B, L]
+
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    tokens = [list(r.prefix) for r in requests]
+    new: list[list[int]] = [[] for _ in requests]
+    running = [r.max_tokens > 0 for r in requests]
+    step = ids
+    while any(running):
+        h = decoder.embed_tokens(step) + decoder.embed_positions.weight[positions]
+        for layer in decoder.layers:
+            h = layer(h, self_mask, encoded, encoder_attention_mask=cross, past_key_values=cache, use_cache=True)
+        logits = model.proj_out(decoder.layer_norm(h[:, -1])).float()  # [B, vocab]
+        logits[:, suppress] = -torch.inf
+        chosen = []
+        for i, r in enumerate(requests):
+            if running[i]:
+                _timestamp_rules(logits[i], tokens[i], ts_begin, eot, r.frames.shape[0])
+                token = int(logits[i].argmax())
+                if token == eot:
+                    running[i] = False
+                else:
+                    tokens[i].append(token)
+                    new[i].append(token)
+                    if (loop := _loop(new[i])) is not None:
+                        new[i], running[i] = new[i][:loop], False
+                    elif len(new[i]) >= r.max_tokens:
+                        running[i] = False
+            chosen.append(tokens[i][-1] if running[i] else eot)
+        step = torch.tensor(chosen)[:, None]
+        real = torch.cat([real, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+        self_mask = torch.where(real, 0.0, neg).to(model.dtype)[:, None, None]  # [B, 1, 1, L + t]
+        positions = positions[:, -1:] + 1
     return new
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from streamattn.audio.decoding import SECONDS_PER_FRAME, Agreement, Word, decode_window, words_of
+from streamattn.audio.decoding import SECONDS_PER_FRAME, Agreement, Request, Word, decode_windows, words_of
 from streamattn.audio.features import LogMelStream
 from streamattn.encoder import AttentionStage, ConvStage, FrameStage, StreamingEncoder
 from streamattn.policies.chunked_context import ChunkedContext
@@ -49,9 +49,14 @@ def context_policy(chunk: float = 1.0, left: float | None = 8.0, lookahead: floa
     return ChunkedContext(chunk=c, left=left_frames, lookahead=seconds_to_frames(lookahead, "lookahead"))
 
 
-def whisper_encoder(model, policy: ChunkedContext) -> StreamingEncoder:
+def whisper_encoder(model, policy: ChunkedContext, lookahead_layers: int | None = None) -> StreamingEncoder:
     """transformers' Whisper encoder as a ``StreamingEncoder``: input ``[B, T, n_mels]`` log-mel frames,
-    output ``[B, T / 2, d_model]`` (what ``WhisperEncoder`` gives, with ``policy``'s attention)."""
+    output ``[B, T / 2, d_model]`` (what ``WhisperEncoder`` gives, with ``policy``'s attention).
+
+    ``lookahead_layers=n``: only the first ``n`` layers look ahead (the others use ``policy`` with
+    ``lookahead=0``). Lookaheads compound with depth (a layer's chunk waits for the next chunk of
+    the layer below), so with all 4 layers looking ahead a chunk is emitted ~4 chunks late; with
+    one, ``chunk + lookahead`` late."""
     enc = model.get_encoder()
     positions = enc.embed_positions.weight  # [1500, d_model]
     n_pos = positions.shape[0]
@@ -62,8 +67,13 @@ def whisper_encoder(model, policy: ChunkedContext) -> StreamingEncoder:
         FrameStage(F.gelu),
         FrameStage(lambda x, t: x + positions[t % n_pos], index=True),
     ]
-    for layer in enc.layers:
-        stages.append(AttentionStage(policy, _pre(layer), _post(layer), scale=layer.self_attn.scaling))
+    n = len(enc.layers) if lookahead_layers is None else lookahead_layers
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(enc.layers):
+        raise ValueError(f"lookahead_layers must be an int in [0, {len(enc.layers)}] or None, got {lookahead_layers!r}")
+    local = ChunkedContext(chunk=policy.chunk, left=policy.left, lookahead=0)
+    for i, layer in enumerate(enc.layers):
+        p = policy if i < n else local
+        stages.append(AttentionStage(p, _pre(layer), _post(layer), scale=layer.self_attn.scaling))
     stages.append(FrameStage(enc.layer_norm))
     return StreamingEncoder(stages)
 
@@ -98,16 +108,22 @@ class _Window:
     origin: int = 0
     forced: list[int] = field(default_factory=list)  # tokens committed in this window (timestamps too)
     committed: list[Word] = field(default_factory=list)
+    first: int = 0  # index in committed of this window's first word
     prompt: list[int] = field(default_factory=list)  # text before this window
 
 
 class StreamingTranscriber:
     """Transcribe ``batch`` audio streams as they arrive (16 kHz float samples).
 
+    ``chunk``, ``left``, ``lookahead`` (seconds): the encoder's ``ChunkedContext``;
+    ``lookahead_layers``: how many of its layers look ahead (None: all; see ``whisper_encoder``);
+    ``tail``: seconds of silence ``finish()`` appends.
+
     ``push(audio [B, S], counts=None) -> list[list[Word]]``: the words each stream committed during
     this call (final: never revised); ``finish()`` flushes every stream and commits the rest.
-    ``committed[b]``: all words of stream ``b`` so far. The encoder runs batched over the streams;
-    the decoder reads each stream's window in turn.
+    ``committed[b]``: all words of stream ``b`` so far (once a window closes, its words' ends are
+    placed again from its final timestamps, more accurately than when they were first returned).
+    Encoder and decoder run batched over the streams (one forward per step for all of them).
     """
 
     def __init__(
@@ -118,13 +134,16 @@ class StreamingTranscriber:
         chunk: float = 1.0,
         left: float | None = 8.0,
         lookahead: float = 0.2,
+        lookahead_layers: int | None = None,
         batch: int = 1,
+        tail: float = 1.0,
     ) -> None:
         self.policy = context_policy(chunk, left, lookahead)
+        self.tail = seconds_to_frames(tail, "tail") * 320  # samples of silence appended by finish()
         self.model, self.tokenizer = model, processor.tokenizer
         mel = torch.as_tensor(processor.feature_extractor.mel_filters, dtype=torch.float32)
         self.features = LogMelStream(mel, batch)
-        self.encoder = whisper_encoder(model, self.policy)
+        self.encoder = whisper_encoder(model, self.policy, lookahead_layers)
         self.epoch = model.config.max_source_positions  # 1500 frames: 30 s, the position period
         d_model = model.config.d_model
         self.ts_begin = model.generation_config.no_timestamps_token_id + 1
@@ -150,34 +169,42 @@ class StreamingTranscriber:
         return self._advance(mel, emitted, final=False)
 
     def finish(self) -> list[list[Word]]:
+        """The streams end: ``tail`` seconds of silence are appended (Whisper decodes a window that
+        ends mid-air by inventing more text; trailing silence tells it the speech is over), every
+        stage is flushed, and every window is committed."""
+        new = self.push(torch.zeros(self.batch, self.tail)) if self.tail else [[] for _ in range(self.batch)]
         mel, emitted = self.features.finish()
-        return self._advance(mel, emitted, final=True)
+        return [a + b for a, b in zip(new, self._advance(mel, emitted, final=True), strict=True)]
 
     def _advance(self, mel: torch.Tensor, emitted: list[int], final: bool) -> list[list[Word]]:
         x = mel.transpose(1, 2).to(self.model.dtype)  # [B, F, n_mels]
         out, n = self.encoder.push(x, emitted, final=[final] * self.batch)  # [B, E, d_model]
         new: list[list[Word]] = [[] for _ in range(self.batch)]
-        for b, window in enumerate(self.windows):
-            frames = out[b, : n[b]]
-            while True:  # a push may cross an epoch's end: close that window, go on in the next
-                room = self.epoch - window.frames.shape[0]
-                take, frames = frames[:room], frames[room:]
-                window.frames = torch.cat([window.frames, take])
-                last = final and not frames.shape[0]
-                if take.shape[0] or last:
-                    new[b] += self._decode(window, closing=last or window.frames.shape[0] == self.epoch)
-                if not frames.shape[0]:
-                    break
-        return new
+        rest = [out[b, : n[b]] for b in range(self.batch)]
+        while True:  # rounds: a push may cross an epoch's end (close that window, go on in the next)
+            jobs = []
+            for b, w in enumerate(self.windows):
+                take, rest[b] = rest[b][: self.epoch - w.frames.shape[0]], rest[b][self.epoch - w.frames.shape[0] :]
+                w.frames = torch.cat([w.frames, take])
+                last = final and not rest[b].shape[0]
+                if w.frames.shape[0] and (take.shape[0] or last):
+                    jobs.append((b, last or w.frames.shape[0] == self.epoch))
+            if jobs:  # one batched decode for every window that changed
+                requests = [self._request(self.windows[b]) for b, _ in jobs]
+                for (b, closing), hypothesis in zip(jobs, decode_windows(self.model, requests), strict=True):
+                    new[b] += self._apply(self.windows[b], hypothesis, closing)
+            if not any(r.shape[0] for r in rest):
+                return new
 
-    def _decode(self, w: _Window, closing: bool) -> list[Word]:
-        """Decode the window again (its committed tokens forced) and commit what two hypotheses
-        agree on; when ``closing`` (the epoch is complete, or the stream ended) commit it all."""
-        if not w.frames.shape[0]:
-            return []
+    def _request(self, w: _Window) -> Request:
         seconds = w.frames.shape[0] * SECONDS_PER_FRAME
         budget = max(8, 8 + round(6 * seconds) - len(w.forced))  # ~3x fast speech: loops end early
-        hypothesis = decode_window(self.model, w.frames, w.prompt, w.forced, max_tokens=budget)
+        return Request(w.frames, w.prompt, w.forced, budget)
+
+    def _apply(self, w: _Window, hypothesis: list[int], closing: bool) -> list[Word]:
+        """Commit what this hypothesis and the previous one agree on (everything when ``closing``:
+        the epoch is complete or the stream ended; the next window then starts empty)."""
+        seconds = w.frames.shape[0] * SECONDS_PER_FRAME
         final = len(hypothesis) if closing else w.agreement.update(hypothesis)
         new: list[Word] = []
         if final:
@@ -186,7 +213,13 @@ class StreamingTranscriber:
             w.forced = w.forced + hypothesis[:final]
             new = words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds)[before:]
             self._commit(w, new)
-        if closing:
+        if closing:  # every segment of the window is closed now: place its words again, better
+            origin = w.origin * SECONDS_PER_FRAME
+            placed = words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds)
+            mine = len(w.committed) - w.first
+            if len(placed) == mine:
+                w.committed[w.first :] = placed
+            w.first = len(w.committed)
             w.origin += w.frames.shape[0]
             w.frames, w.forced, w.agreement = w.frames[:0], [], Agreement(self._starts_word)
         return new
