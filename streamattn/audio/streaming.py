@@ -31,6 +31,7 @@ from streamattn.encoder import AttentionStage, ConvStage, FrameStage, StreamingE
 from streamattn.policies.chunked_context import ChunkedContext
 
 FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
+_FORMAT = "streamattn.StreamingTranscriber/1"
 
 
 def seconds_to_frames(seconds: float, what: str) -> int:
@@ -143,6 +144,7 @@ class StreamingTranscriber:
         self.model, self.tokenizer = model, processor.tokenizer
         mel = torch.as_tensor(processor.feature_extractor.mel_filters, dtype=torch.float32)
         self.features = LogMelStream(mel, batch)
+        self.lookahead_layers = lookahead_layers
         self.encoder = whisper_encoder(model, self.policy, lookahead_layers)
         self.epoch = model.config.max_source_positions  # 1500 frames: 30 s, the position period
         d_model = model.config.d_model
@@ -223,6 +225,76 @@ class StreamingTranscriber:
             w.origin += w.frames.shape[0]
             w.frames, w.forced, w.agreement = w.frames[:0], [], Agreement(self._starts_word)
         return new
+
+    # ------------------------------------------------------------------ save / restore
+    def state_dict(self) -> dict:
+        """Everything the streams carry (front end, encoder, windows, committed words), copied;
+        ``torch.save`` it and ``load_state_dict`` into a transcriber of the same configuration."""
+        return {
+            "format": _FORMAT,
+            "config": self._config(),
+            "features": self.features.state_dict(),
+            "encoder": self.encoder.state_dict(),
+            "samples": torch.tensor(self.samples, dtype=torch.int64),
+            "windows": [
+                {
+                    "frames": w.frames.clone(),
+                    "origin": w.origin,
+                    "forced": list(w.forced),
+                    "words": [word.text for word in w.committed],
+                    "ends": torch.tensor([word.end for word in w.committed], dtype=torch.float64),
+                    "first": w.first,
+                    "prompt": list(w.prompt),
+                    "previous": None if w.agreement.previous is None else list(w.agreement.previous),
+                }
+                for w in self.windows
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume saved streams; checked against this transcriber's configuration first."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"not a StreamingTranscriber state (expected a dict with format {_FORMAT!r})")
+        if state.get("config") != self._config():
+            raise ValueError(f"the state was saved with {state.get('config')}, this transcriber is {self._config()}")
+        windows = state["windows"]
+        d_model = self.model.config.d_model
+        for w in windows:
+            frames = w["frames"]
+            if not isinstance(frames, torch.Tensor) or frames.dim() != 2 or frames.shape[1] != d_model:
+                raise ValueError(f"a saved window's frames must be [T, {d_model}]")
+            if frames.shape[0] > self.epoch or len(w["words"]) != w["ends"].numel():
+                raise ValueError("a saved window is inconsistent (frames past an epoch, or words without ends)")
+        features = LogMelStream(self.features.mel_filters, self.batch, self.features.floor_frames)
+        features.load_state_dict(state["features"])
+        encoder = whisper_encoder(self.model, self.policy, self.lookahead_layers)
+        encoder.load_state_dict(state["encoder"])
+        restored = []
+        for w in windows:
+            agreement = Agreement(self._starts_word)
+            agreement.previous = None if w["previous"] is None else list(w["previous"])
+            words = [Word(t, float(e)) for t, e in zip(w["words"], w["ends"].tolist(), strict=True)]
+            restored.append(
+                _Window(
+                    w["frames"].to(self.model.dtype).clone(),
+                    agreement,
+                    int(w["origin"]),
+                    list(w["forced"]),
+                    words,
+                    int(w["first"]),
+                    list(w["prompt"]),
+                )
+            )
+        self.features, self.encoder, self.windows = features, encoder, restored
+        self.samples = [int(x) for x in state["samples"].tolist()]
+
+    def _config(self) -> dict:
+        return {
+            "policy": self.policy.to_config(),
+            "lookahead_layers": self.lookahead_layers,
+            "batch": self.batch,
+            "tail": self.tail,
+        }
 
     def _commit(self, w: _Window, words: list[Word]) -> None:
         if not words:

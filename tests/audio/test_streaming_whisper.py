@@ -224,3 +224,32 @@ def test_windows_decoded_in_one_batch_equal_each_alone(whisper, clip, mel_filter
     together = decode_windows(model, requests)
     assert all(together) and together == [decode_windows(model, [r])[0] for r in requests]
     assert "best of times" in processor.tokenizer.decode(together[1])
+
+
+def test_a_saved_transcriber_resumes_exactly(whisper, clip, tmp_path):
+    from streamattn.audio import StreamingTranscriber
+
+    audio = clip[0][: 16000 * 12]
+    pieces = [audio[a : a + 12000][None] for a in range(0, audio.numel(), 12000)]
+
+    def fresh() -> StreamingTranscriber:
+        return StreamingTranscriber(*whisper, chunk=0.5, left=2.0, lookahead=0.2)
+
+    whole = fresh()
+    for piece in pieces:
+        whole.push(piece)
+    whole.finish()
+
+    first = fresh()
+    for piece in pieces[:9]:
+        first.push(piece)
+    torch.save(first.state_dict(), tmp_path / "asr.pt")
+    resumed = fresh()
+    resumed.load_state_dict(torch.load(tmp_path / "asr.pt", weights_only=True))
+    for piece in pieces[9:]:
+        resumed.push(piece)
+    resumed.finish()
+    assert whole.committed == resumed.committed and len(whole.committed[0]) > 10
+    other = StreamingTranscriber(*whisper, chunk=0.5, left=4.0, lookahead=0.2)
+    with pytest.raises(ValueError, match="saved with"):
+        other.load_state_dict(first.state_dict())
