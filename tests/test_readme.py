@@ -27,6 +27,9 @@ def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
     elif "layer_policies=" in BLOCKS[index]:
         want = [sa.SinkWindow(4, 28), sa.SinkWindow(0, 16), sa.SinkWindow(0, 16), sa.SinkWindow(4, 60)]
         assert printed.splitlines() == [str(want), "sdpa"]
+    elif "StreamingTranscriber(" in BLOCKS[index]:
+        lines = printed.strip().splitlines()
+        assert len(lines) > 10 and lines[-1].startswith("It was the best of times.")
     elif "Stream(" in BLOCKS[index]:
         lines = printed.strip().splitlines()
         assert lines[0].startswith("torch.Size([") and lines[0].endswith("True")
