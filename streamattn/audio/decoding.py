@@ -19,6 +19,7 @@ import torch
 
 SECONDS_PER_FRAME = 0.02  # Whisper's encoder frames (and its timestamp tokens): 20 ms
 MAX_INITIAL_TIMESTAMP = 50  # <|1.00|>: a window's first timestamp comes within its first second
+COPY = 10  # text tokens: a run this long seen before in the same window is a copy, not speech
 
 
 @dataclass
@@ -70,8 +71,8 @@ def decode_windows(model, requests: Sequence[Request]) -> list[list[int]]:
     One decoder forward per step for all windows: contexts are left-padded (masked, positions
     counted from each row's first real token), encoder frames right-padded (masked in the
     cross-attention), finished rows ride along until the last one ends. A loop (the last 1-16
-    tokens three times in a row: Whisper's failure on a window cut mid-speech) ends a row and is
-    cut to its first occurrence.
+    tokens three times in a row) or a copy (10 text tokens in a row that the window already holds):
+    Whisper's failures on a window that ends mid-speech or in silence, end a row and are cut off.
     """
     gen, config, decoder = model.generation_config, model.config, model.get_decoder()
     sot, eot, prev = gen.decoder_start_token_id, gen.eos_token_id, gen.prev_sot_token_id
@@ -104,6 +105,7 @@ def decode_windows(model, requests: Sequence[Request]) -> list[list[int]]:
     tokens = [list(r.prefix) for r in requests]
     new: list[list[int]] = [[] for _ in requests]
     running = [r.max_tokens > 0 for r in requests]
+    copies = [_Copies(r.prefix, ts_begin) for r in requests]
     step = ids
     while any(running):
         h = decoder.embed_tokens(step) + decoder.embed_positions.weight[positions]
@@ -121,8 +123,9 @@ def decode_windows(model, requests: Sequence[Request]) -> list[list[int]]:
                 else:
                     tokens[i].append(token)
                     new[i].append(token)
-                    if (loop := _loop(new[i])) is not None:
-                        new[i], running[i] = new[i][:loop], False
+                    copy = copies[i].add(token, len(new[i]) - 1)
+                    if (cut := _loop(new[i]) if copy is None else copy) is not None:
+                        new[i], running[i] = new[i][:cut], False
                     elif len(new[i]) >= r.max_tokens:
                         running[i] = False
             chosen.append(tokens[i][-1] if running[i] else eot)
@@ -131,6 +134,29 @@ def decode_windows(model, requests: Sequence[Request]) -> list[list[int]]:
         self_mask = torch.where(real, 0.0, neg).to(model.dtype)[:, None, None]  # [B, 1, 1, L + t]
         positions = positions[:, -1:] + 1
     return new
+
+
+class _Copies:
+    """Whisper copying its own window (its failure when a window ends in silence or mid-speech): the
+    newest ``COPY`` text tokens already occurred, in a row, earlier in the window (forced prefix or
+    this hypothesis). ``add`` returns the index in the new tokens where the copy began, or None."""
+
+    def __init__(self, prefix: Sequence[int], ts_begin: int) -> None:
+        self.ts_begin, self.text, self.seen = ts_begin, [], set()
+        for token in prefix:
+            self.add(token, -1)
+
+    def add(self, token: int, where: int) -> int | None:
+        if token >= self.ts_begin:
+            return None
+        self.text.append((token, where))
+        if len(self.text) < COPY:
+            return None
+        gram = tuple(t for t, _ in self.text[-COPY:])
+        if gram in self.seen and self.text[-COPY][1] >= 0:  # (a repeat inside the prefix is history)
+            return self.text[-COPY][1]
+        self.seen.add(gram)
+        return None
 
 
 def _loop(tokens: list[int], repeats: int = 3, longest: int = 16) -> int | None:

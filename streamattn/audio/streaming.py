@@ -31,6 +31,8 @@ from streamattn.encoder import AttentionStage, ConvStage, FrameStage, StreamingE
 from streamattn.policies.chunked_context import ChunkedContext
 
 FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
+POSITION_STAGE = 4  # whisper_encoder's stage that adds the position embedding
+QUIET, PAUSE = 3.5 / 4, 25  # a pause: 25 log-mel frames (0.25 s) 35 dB below the epoch's loudest
 _FORMAT = "streamattn.StreamingTranscriber/1"
 
 
@@ -50,14 +52,20 @@ def context_policy(chunk: float = 1.0, left: float | None = 8.0, lookahead: floa
     return ChunkedContext(chunk=c, left=left_frames, lookahead=seconds_to_frames(lookahead, "lookahead"))
 
 
-def whisper_encoder(model, policy: ChunkedContext, lookahead_layers: int | None = None) -> StreamingEncoder:
+def whisper_encoder(
+    model, policy: ChunkedContext, lookahead_layers: int | None = None, position=None
+) -> StreamingEncoder:
     """transformers' Whisper encoder as a ``StreamingEncoder``: input ``[B, T, n_mels]`` log-mel frames,
     output ``[B, T / 2, d_model]`` (what ``WhisperEncoder`` gives, with ``policy``'s attention).
 
     ``lookahead_layers=n``: only the first ``n`` layers look ahead (the others use ``policy`` with
     ``lookahead=0``). Lookaheads compound with depth (a layer's chunk waits for the next chunk of
     the layer below), so with all 4 layers looking ahead a chunk is emitted ~4 chunks late; with
-    one, ``chunk + lookahead`` late."""
+    one, ``chunk + lookahead`` late.
+
+    ``position(t) -> p``: the position (``[0, 1500)``) of each frame from its index in the stream
+    (``[B, T]`` int64 -> ``[B, T]``); default ``t mod 1500``. The transcriber restarts positions at
+    each of its epochs."""
     enc = model.get_encoder()
     positions = enc.embed_positions.weight  # [1500, d_model]
     n_pos = positions.shape[0]
@@ -66,7 +74,7 @@ def whisper_encoder(model, policy: ChunkedContext, lookahead_layers: int | None 
         FrameStage(F.gelu),
         ConvStage(enc.conv2),
         FrameStage(F.gelu),
-        FrameStage(lambda x, t: x + positions[t % n_pos], index=True),
+        FrameStage(lambda x, t: x + positions[t % n_pos if position is None else position(t)], index=True),
     ]
     n = len(enc.layers) if lookahead_layers is None else lookahead_layers
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(enc.layers):
@@ -98,6 +106,47 @@ def _post(layer):
         return x + layer.fc2(layer.activation_fn(layer.fc1(h)))
 
     return post
+
+
+class Epochs:
+    """Where each stream's decoding epochs start, in encoder frames: the frames from one start to the
+    next have positions 0, 1, 2, ... (Whisper's window), and the decoder reads one epoch at a time.
+
+    An epoch starts at an explicit start (the stream's first frame, or a pause the transcriber
+    found), or ``length`` (1,500) frames after the previous start when no pause came in time. A
+    start is only ever added at frames no stage has positioned yet, so positions never change.
+    """
+
+    def __init__(self, batch: int, length: int = 1500) -> None:
+        self.length = length
+        self.starts = [[0] for _ in range(batch)]  # explicit starts per stream, increasing
+
+    def start_of(self, b: int, t: int) -> int:
+        s = max(x for x in self.starts[b] if x <= t)
+        return s + self.length * ((t - s) // self.length)
+
+    def next_after(self, b: int, t: int) -> int:
+        """The first epoch start after frame ``t``."""
+        return min([self.start_of(b, t) + self.length, *(x for x in self.starts[b] if x > t)])
+
+    def position(self, t: torch.Tensor) -> torch.Tensor:
+        """Positions of frames ``t [B, T]`` (int64): their distance to their epoch's start."""
+        out = torch.empty_like(t)
+        for b in range(t.shape[0]):
+            starts = torch.tensor(self.starts[b], dtype=t.dtype, device=t.device)
+            s = starts[(torch.searchsorted(starts, t[b], right=True) - 1).clamp(min=0)]
+            out[b] = (t[b] - s) % self.length
+        return out
+
+    def add(self, b: int, frame: int) -> None:
+        if frame <= self.starts[b][-1]:
+            raise ValueError(f"epoch starts must increase: {frame} after {self.starts[b][-1]}")
+        self.starts[b].append(frame)
+
+    def forget_before(self, b: int, frame: int) -> None:
+        """Keep only what frames from ``frame`` on need: the last start at or before it, and later ones."""
+        starts = self.starts[b]
+        self.starts[b] = [x for x in starts if x <= frame][-1:] + [x for x in starts if x > frame]
 
 
 @dataclass
@@ -138,6 +187,7 @@ class StreamingTranscriber:
         lookahead_layers: int | None = None,
         batch: int = 1,
         tail: float = 1.0,
+        min_epoch: float = 20.0,
     ) -> None:
         self.policy = context_policy(chunk, left, lookahead)
         self.tail = seconds_to_frames(tail, "tail") * 320  # samples of silence appended by finish()
@@ -145,8 +195,13 @@ class StreamingTranscriber:
         mel = torch.as_tensor(processor.feature_extractor.mel_filters, dtype=torch.float32)
         self.features = LogMelStream(mel, batch)
         self.lookahead_layers = lookahead_layers
-        self.encoder = whisper_encoder(model, self.policy, lookahead_layers)
-        self.epoch = model.config.max_source_positions  # 1500 frames: 30 s, the position period
+        self.epochs = Epochs(batch, model.config.max_source_positions)
+        self.min_epoch = seconds_to_frames(min_epoch, "min_epoch")
+        if not 0 < self.min_epoch <= self.epochs.length:
+            raise ValueError(f"min_epoch must be in (0, 30] seconds, got {min_epoch}")
+        self._quiet = [0] * batch  # quiet log-mel frames at the end of each stream
+        self._loud = [-torch.inf] * batch  # loudest frame of the current epoch (normalised log-mel)
+        self.encoder = whisper_encoder(model, self.policy, lookahead_layers, self.epochs.position)
         d_model = model.config.d_model
         self.ts_begin = model.generation_config.no_timestamps_token_id + 1
         vocabulary = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
@@ -168,7 +223,33 @@ class StreamingTranscriber:
             audio = audio[None]
         mel, emitted = self.features.push(audio, None if counts is None else list(counts))
         self.samples = [s + c for s, c in zip(self.samples, counts or [audio.shape[1]] * self.batch, strict=True)]
+        self._find_pauses(mel, emitted)
         return self._advance(mel, emitted, final=False)
+
+    def _find_pauses(self, mel: torch.Tensor, emitted: list[int]) -> None:
+        """Start a new epoch in a pause: once the current epoch holds ``min_epoch`` and the last
+        ``PAUSE`` log-mel frames were all ``QUIET`` below its loudest frame, the next epoch starts in
+        the middle of that pause (or at the first frame not positioned yet, if later)."""
+        stage = self.encoder.states[POSITION_STAGE]
+        positioned = stage.seen if stage is not None else [0] * self.batch
+        for b in range(self.batch):
+            if not emitted[b]:
+                continue
+            loudness = mel[b, :, : emitted[b]].amax(dim=0)  # [F] each frame's loudest bin
+            self._loud[b] = max(self._loud[b], float(loudness.max()))
+            first = self.features.frames_emitted()[b] - emitted[b]  # log-mel index of loudness[0]
+            middle = None  # log-mel index of the middle of the last pause
+            for i, quiet in enumerate((loudness < self._loud[b] - QUIET).tolist()):
+                self._quiet[b] = self._quiet[b] + 1 if quiet else 0
+                if self._quiet[b] >= PAUSE:
+                    middle = first + i - self._quiet[b] // 2
+            if middle is None:
+                continue
+            current = self.epochs.start_of(b, positioned[b])
+            cut = max(positioned[b], middle // 2)
+            if self.min_epoch <= cut - current < self.epochs.length:
+                self.epochs.add(b, cut)
+                self._quiet[b], self._loud[b] = 0, -torch.inf
 
     def finish(self) -> list[list[Word]]:
         """The streams end: ``tail`` seconds of silence are appended (Whisper decodes a window that
@@ -186,15 +267,16 @@ class StreamingTranscriber:
         while True:  # rounds: a push may cross an epoch's end (close that window, go on in the next)
             jobs = []
             for b, w in enumerate(self.windows):
-                take, rest[b] = rest[b][: self.epoch - w.frames.shape[0]], rest[b][self.epoch - w.frames.shape[0] :]
+                room = self.epochs.next_after(b, w.origin) - w.origin - w.frames.shape[0]
+                take, rest[b] = rest[b][:room], rest[b][room:]
                 w.frames = torch.cat([w.frames, take])
                 last = final and not rest[b].shape[0]
                 if w.frames.shape[0] and (take.shape[0] or last):
-                    jobs.append((b, last or w.frames.shape[0] == self.epoch))
+                    jobs.append((b, last or take.shape[0] == room))  # closing: the stream or the epoch ends
             if jobs:  # one batched decode for every window that changed
                 requests = [self._request(self.windows[b]) for b, _ in jobs]
                 for (b, closing), hypothesis in zip(jobs, decode_windows(self.model, requests), strict=True):
-                    new[b] += self._apply(self.windows[b], hypothesis, closing)
+                    new[b] += self._apply(b, hypothesis, closing)
             if not any(r.shape[0] for r in rest):
                 return new
 
@@ -203,9 +285,10 @@ class StreamingTranscriber:
         budget = max(8, 8 + round(6 * seconds) - len(w.forced))  # ~3x fast speech: loops end early
         return Request(w.frames, w.prompt, w.forced, budget)
 
-    def _apply(self, w: _Window, hypothesis: list[int], closing: bool) -> list[Word]:
+    def _apply(self, b: int, hypothesis: list[int], closing: bool) -> list[Word]:
         """Commit what this hypothesis and the previous one agree on (everything when ``closing``:
         the epoch is complete or the stream ended; the next window then starts empty)."""
+        w = self.windows[b]
         seconds = w.frames.shape[0] * SECONDS_PER_FRAME
         final = len(hypothesis) if closing else w.agreement.update(hypothesis)
         new: list[Word] = []
@@ -223,6 +306,7 @@ class StreamingTranscriber:
                 w.committed[w.first :] = placed
             w.first = len(w.committed)
             w.origin += w.frames.shape[0]
+            self.epochs.forget_before(b, w.origin)
             w.frames, w.forced, w.agreement = w.frames[:0], [], Agreement(self._starts_word)
         return new
 
@@ -236,6 +320,9 @@ class StreamingTranscriber:
             "features": self.features.state_dict(),
             "encoder": self.encoder.state_dict(),
             "samples": torch.tensor(self.samples, dtype=torch.int64),
+            "epochs": [list(starts) for starts in self.epochs.starts],
+            "quiet": list(self._quiet),
+            "loud": list(self._loud),
             "windows": [
                 {
                     "frames": w.frames.clone(),
@@ -263,12 +350,10 @@ class StreamingTranscriber:
             frames = w["frames"]
             if not isinstance(frames, torch.Tensor) or frames.dim() != 2 or frames.shape[1] != d_model:
                 raise ValueError(f"a saved window's frames must be [T, {d_model}]")
-            if frames.shape[0] > self.epoch or len(w["words"]) != w["ends"].numel():
+            if frames.shape[0] > self.epochs.length or len(w["words"]) != w["ends"].numel():
                 raise ValueError("a saved window is inconsistent (frames past an epoch, or words without ends)")
         features = LogMelStream(self.features.mel_filters, self.batch, self.features.floor_frames)
         features.load_state_dict(state["features"])
-        encoder = whisper_encoder(self.model, self.policy, self.lookahead_layers)
-        encoder.load_state_dict(state["encoder"])
         restored = []
         for w in windows:
             agreement = Agreement(self._starts_word)
@@ -285,7 +370,14 @@ class StreamingTranscriber:
                     list(w["prompt"]),
                 )
             )
-        self.features, self.encoder, self.windows = features, encoder, restored
+        epochs = Epochs(self.batch, self.epochs.length)
+        epochs.starts = [[int(x) for x in starts] for starts in state["epochs"]]
+        if len(epochs.starts) != self.batch or any(not st or st != sorted(set(st)) for st in epochs.starts):
+            raise ValueError(f"saved epoch starts must be {self.batch} increasing lists")
+        encoder = whisper_encoder(self.model, self.policy, self.lookahead_layers, epochs.position)
+        encoder.load_state_dict(state["encoder"])
+        self.features, self.encoder, self.windows, self.epochs = features, encoder, restored, epochs
+        self._quiet, self._loud = [int(x) for x in state["quiet"]], [float(x) for x in state["loud"]]
         self.samples = [int(x) for x in state["samples"].tolist()]
 
     def _config(self) -> dict:
@@ -294,6 +386,7 @@ class StreamingTranscriber:
             "lookahead_layers": self.lookahead_layers,
             "batch": self.batch,
             "tail": self.tail,
+            "min_epoch": self.min_epoch,
         }
 
     def _commit(self, w: _Window, words: list[Word]) -> None:

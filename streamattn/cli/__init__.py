@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamattn.cli import calibrate, chat, engine_demo, generate, recall, serve, stream
+from streamattn.cli import calibrate, chat, engine_demo, generate, recall, serve, stream, transcribe
 
 COMMANDS = {
     "stream": stream,
@@ -15,6 +15,7 @@ COMMANDS = {
     "recall": recall,
     "calibrate": calibrate,
     "serve": serve,
+    "transcribe": transcribe,
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamattn.audio.decoding import Agreement, _loop
+from streamattn.audio.decoding import COPY, Agreement, _Copies, _loop
 from streamattn.audio.features import LogMelStream, log_mel
 
 pytest.importorskip("transformers")
@@ -163,6 +163,16 @@ def test_loops_are_cut_to_their_first_occurrence():
     assert _loop([1, 2, 3, 1, 2, 4]) is None
 
 
+def test_a_window_copying_itself_is_cut_where_the_copy_began():
+    said = list(range(1, COPY + 4))  # forced prefix: text already committed in the window
+    copies = _Copies(said, ts_begin=1000)
+    new = [50, 1000, *said[2 : 2 + COPY]]  # one new word, a timestamp, then the window's own text again
+    found = [copies.add(t, i) for i, t in enumerate(new)]
+    assert found[:-1] == [None] * (len(new) - 1) and found[-1] == 2  # cut after the word and the timestamp
+    repeated = _Copies(said + said[:COPY], ts_begin=1000)  # a repeat inside the prefix is history, not a copy
+    assert repeated.add(999, 0) is None
+
+
 # ---------------------------------------------------------------------- transcriber
 def test_streamed_transcript_of_the_clip(whisper, clip):
     from streamattn.audio import StreamingTranscriber, wer
@@ -176,7 +186,7 @@ def test_streamed_transcript_of_the_clip(whisper, clip):
     words = transcriber.committed[0]
     hypothesis = " ".join(w.text for w in words)
     assert committed_during >= 0.8 * len(words)  # words become final during the stream, not at its end
-    assert wer(text, hypothesis) <= 0.06, hypothesis  # measured: 0.034 (offline Whisper: 0.025)
+    assert wer(text, hypothesis) <= 0.05, hypothesis  # measured: 0.017 (offline Whisper: 0.025)
     ends = [w.end for w in words]
     assert ends == sorted(ends) and 0 < ends[-1] <= 45.5  # placed again from each closed window
 
