@@ -3,18 +3,22 @@
 The encoder is transformers' ``WhisperEncoder`` (its own modules, weights untouched) rebuilt as a
 ``streamattn.encoder.StreamingEncoder``: two convolutions with caches, the position embedding, and
 each self-attention restricted to ``ChunkedContext(chunk, left, lookahead)`` (Whisper was trained
-with full attention over 30 s; the README measures what the restriction costs). Past Whisper's 30 s
-(1,500 frames) a frame takes the position ``t mod 1500``.
+with full attention over 30 s; the README measures what the restriction costs).
 
-The decoder reads a *window*: the encoder frames of the current 30 s *epoch* (frames ``[1500 k,
-1500 (k + 1))``, whose positions are exactly Whisper's 0..1499: a window that started elsewhere, or
-was padded with made-up silence, measurably confuses the decoder). After every chunk it decodes the
-window again (greedy, timestamps, the committed text before it as prompt, at most ~6 tokens per
-second of audio) and commits the words two successive hypotheses agree on (LocalAgreement-2); when
-the epoch is complete, or the stream ends, everything is committed and the next window starts.
-Words spoken across an epoch's end are cut, as in offline Whisper's consecutive 30 s windows. So
-the encoder's state, the window (<= 1,500 frames) and the prompt (<= 200 tokens) are bounded,
-whatever the stream's length.
+The stream is cut into *epochs* of 20-30 s (``Epochs``): a new epoch starts in the middle of the
+first pause (0.25 s, 35 dB below the epoch's loudest frame) once the current one holds
+``min_epoch`` seconds, or after 30 s without a pause. A frame's position is its distance to its
+epoch's start, so each epoch has exactly Whisper's positions 0..1499 (measured first: a window
+that starts elsewhere, or is padded with made-up silence, makes the decoder skip or invent text).
+A start is placed only at frames the position stage has not reached, so no position ever changes.
+
+The decoder reads a *window*: the encoder frames of the current epoch. After every chunk it decodes
+the window again (greedy, timestamps, the committed text before it as prompt, the words already
+committed in it forced as a prefix, at most ~6 tokens per second of audio) and commits the words
+two successive hypotheses agree on (LocalAgreement-2); when the epoch is complete, or the stream
+ends, everything is committed and the next window starts. Loops and copies of the window's own
+text (Whisper's failures on windows that end in silence or mid-speech) are cut off. Encoder state,
+window (<= 1,500 frames) and prompt (<= 200 tokens) are bounded whatever the stream's length.
 """
 
 from __future__ import annotations
