@@ -29,13 +29,22 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from streamattn.audio.decoding import SECONDS_PER_FRAME, Agreement, Request, Word, decode_windows, words_of
+from streamattn.audio.decoding import (
+    SECONDS_PER_FRAME,
+    Agreement,
+    Request,
+    Word,
+    decode_windows,
+    normalise,
+    words_of,
+)
 from streamattn.audio.features import LogMelStream
 from streamattn.encoder import AttentionStage, ConvStage, FrameStage, StreamingEncoder
 from streamattn.policies.chunked_context import ChunkedContext
 
 FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
 POSITION_STAGE = 4  # whisper_encoder's stage that adds the position embedding
+OVERLAP = 5  # words: a new window's first words that repeat the previous window's last are dropped
 QUIET, PAUSE = 3.5 / 4, 25  # a pause: 25 log-mel frames (0.25 s) 35 dB below the epoch's loudest
 _FORMAT = "streamattn.StreamingTranscriber/1"
 
@@ -163,6 +172,7 @@ class _Window:
     forced: list[int] = field(default_factory=list)  # tokens committed in this window (timestamps too)
     committed: list[Word] = field(default_factory=list)
     first: int = 0  # index in committed of this window's first word
+    skip: int = 0  # words at the start of this window that repeated the window before (not emitted)
     prompt: list[int] = field(default_factory=list)  # text before this window
 
 
@@ -203,6 +213,7 @@ class StreamingTranscriber:
         self.min_epoch = seconds_to_frames(min_epoch, "min_epoch")
         if not 0 < self.min_epoch <= self.epochs.length:
             raise ValueError(f"min_epoch must be in (0, 30] seconds, got {min_epoch}")
+        self._speech_end: list[int] | None = None  # during finish(): each stream's last real frame
         self._quiet = [0] * batch  # quiet log-mel frames at the end of each stream
         self._loud = [-torch.inf] * batch  # loudest frame of the current epoch (normalised log-mel)
         self.encoder = whisper_encoder(model, self.policy, lookahead_layers, self.epochs.position)
@@ -259,9 +270,13 @@ class StreamingTranscriber:
         """The streams end: ``tail`` seconds of silence are appended (Whisper decodes a window that
         ends mid-air by inventing more text; trailing silence tells it the speech is over), every
         stage is flushed, and every window is committed."""
-        new = self.push(torch.zeros(self.batch, self.tail)) if self.tail else [[] for _ in range(self.batch)]
-        mel, emitted = self.features.finish()
-        return [a + b for a, b in zip(new, self._advance(mel, emitted, final=True), strict=True)]
+        self._speech_end = [n // 320 for n in self.samples]  # encoder frames: text after them is made up
+        try:
+            new = self.push(torch.zeros(self.batch, self.tail)) if self.tail else [[] for _ in range(self.batch)]
+            mel, emitted = self.features.finish()
+            return [a + b for a, b in zip(new, self._advance(mel, emitted, final=True), strict=True)]
+        finally:
+            self._speech_end = None
 
     def _advance(self, mel: torch.Tensor, emitted: list[int], final: bool) -> list[list[Word]]:
         x = mel.transpose(1, 2).to(self.model.dtype)  # [B, F, n_mels]
@@ -293,6 +308,9 @@ class StreamingTranscriber:
         """Commit what this hypothesis and the previous one agree on (everything when ``closing``:
         the epoch is complete or the stream ended; the next window then starts empty)."""
         w = self.windows[b]
+        if self._speech_end is not None:  # finishing: nothing said after the speech ended is real
+            limit = self.ts_begin + self._speech_end[b] - w.origin
+            hypothesis = next((hypothesis[:i] for i, t in enumerate(hypothesis) if t >= limit), hypothesis)
         seconds = w.frames.shape[0] * SECONDS_PER_FRAME
         final = len(hypothesis) if closing else w.agreement.update(hypothesis)
         new: list[Word] = []
@@ -301,17 +319,20 @@ class StreamingTranscriber:
             before = len(words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds))
             w.forced = w.forced + hypothesis[:final]
             new = words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds)[before:]
+            if before == 0:  # a window's first words may repeat the last ones of the window before
+                w.skip = _overlap(w.committed[max(0, w.first - OVERLAP) : w.first], new)
+                new = new[w.skip :]
             self._commit(w, new)
         if closing:  # every segment of the window is closed now: place its words again, better
             origin = w.origin * SECONDS_PER_FRAME
-            placed = words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds)
+            placed = words_of(w.forced, self.tokenizer, self.ts_begin, origin, origin + seconds)[w.skip :]
             mine = len(w.committed) - w.first
             if len(placed) == mine:
                 w.committed[w.first :] = placed
             w.first = len(w.committed)
             w.origin += w.frames.shape[0]
             self.epochs.forget_before(b, w.origin)
-            w.frames, w.forced, w.agreement = w.frames[:0], [], Agreement(self._starts_word)
+            w.frames, w.forced, w.agreement, w.skip = w.frames[:0], [], Agreement(self._starts_word), 0
         return new
 
     # ------------------------------------------------------------------ save / restore
@@ -335,6 +356,7 @@ class StreamingTranscriber:
                     "words": [word.text for word in w.committed],
                     "ends": torch.tensor([word.end for word in w.committed], dtype=torch.float64),
                     "first": w.first,
+                    "skip": w.skip,
                     "prompt": list(w.prompt),
                     "previous": None if w.agreement.previous is None else list(w.agreement.previous),
                 }
@@ -371,6 +393,7 @@ class StreamingTranscriber:
                     list(w["forced"]),
                     words,
                     int(w["first"]),
+                    int(w["skip"]),
                     list(w["prompt"]),
                 )
             )
@@ -399,3 +422,13 @@ class StreamingTranscriber:
         w.committed += words
         text = " " + " ".join(word.text for word in w.committed[-64:])
         w.prompt = self.tokenizer.encode(text, add_special_tokens=False)[-200:]
+
+
+def _overlap(tail: list[Word], head: list[Word]) -> int:
+    """The most words (<= OVERLAP) that end ``tail`` and start ``head`` alike (normalised): speech
+    near an epoch's end reaches the window before it through the encoder's lookahead, and may be
+    transcribed in both windows (whisper_streaming drops such n-grams the same way)."""
+    for k in range(min(OVERLAP, len(tail), len(head)), 0, -1):
+        if [normalise(w.text) for w in tail[-k:]] == [normalise(w.text) for w in head[:k]]:
+            return k
+    return 0
