@@ -11,7 +11,9 @@ stream of any size without a second copy in memory.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,20 @@ def load_mapped(path: str | os.PathLike, device: torch.device | str = "cpu") -> 
         return torch.load(target, map_location=device, weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError) as exc:  # not a torch file, or truncated by hand
         raise ValueError(f"{str(target)!r} is not a readable stream file: {exc}") from None
+
+
+def publish_directory(target: Path, write: Callable[[Path], None], ready: str = "config.json") -> Path:
+    """``write(staging)`` fills a fresh directory beside ``target``, which is then renamed to ``target``
+    (atomic: a concurrent or interrupted run never sees half a directory; a concurrent winner's copy
+    is kept). ``ready``: a file that only a complete directory holds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        write(staging)
+        staging.rename(target)
+    except OSError:
+        if not (target / ready).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

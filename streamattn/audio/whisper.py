@@ -25,14 +25,14 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from streamattn.storage import publish_directory
 
 SAMPLE_RATE = 16_000  # Whisper's input rate (Hz)
 WINDOW_SECONDS = 30  # Whisper's encoder sees 30 s windows (3,000 mel frames, 1,500 positions)
@@ -506,18 +506,12 @@ def _converted(directory: Path, root: Path, name: str) -> Path:
     if (target / "config.json").is_file():
         return target  # only a complete directory is ever renamed to this name
     model, _, processor = whisper_from_ct2(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        staging.rename(target)  # atomic: a concurrent or interrupted run never sees half a copy
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return publish_directory(target, write)
 
 
 # ---------------------------------------------------------------------------------------------------

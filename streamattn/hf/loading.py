@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from streamattn.storage import publish_directory
 
 
 @dataclass(frozen=True)
@@ -184,15 +185,9 @@ def _dequantized(gguf: Path, root: Path) -> Path:
         dense = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config), dtype=torch.float32)
     dense.load_state_dict(quantized.state_dict(), assign=True)
     dense.tie_weights()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-    try:
+
+    def write(staging: Path) -> None:
         dense.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(target)  # atomic: a concurrent or interrupted run never sees half a copy
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return publish_directory(target, write)
