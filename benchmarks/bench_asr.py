@@ -392,7 +392,7 @@ def part_long(model, processor, minutes: float, every: float, words_out: Path | 
     per_minute: list[dict] = []
     walls: list[float] = []
     at: list[float] = []  # audio pushed when each word was committed
-    load_start, whole, span_others = loadavg(), Others(), Others()
+    load_start, whole, span_others, minute_others = loadavg(), Others(), Others(), Others()
 
     def take(start: int, n: int) -> torch.Tensor:  # samples [start, start + n) of the repeated clip
         n = min(n, total - start)
@@ -421,8 +421,10 @@ def part_long(model, processor, minutes: float, every: float, words_out: Path | 
                     "window_frames": asr.windows[0].frames.shape[0],
                     "chunk_ms": 1e3 * statistics.mean(walls[-60:]),
                     "rtf": (time.perf_counter() - t_start) / pushed,
+                    "others_cores": minute_others.cores(),
                 }
             )
+            minute_others.start()
         if chunk_index % span == 0 or end_of_stream:
             if end_of_stream:
                 t0 = time.perf_counter()
@@ -536,7 +538,9 @@ def plot(per_minute: list[dict], minutes: float, repeats: int) -> None:
         console.print("matplotlib is not installed: no plot")
         return
     x = [m["audio_min"] for m in per_minute]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    fig, (top, bottom, others) = plt.subplots(
+        3, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.4]}
+    )
     top.plot(x, [m["rss_mb"] for m in per_minute], color="tab:blue")
     top.set_ylabel("process RSS (MB)")
     top.set_ylim(bottom=0)
@@ -544,9 +548,13 @@ def plot(per_minute: list[dict], minutes: float, repeats: int) -> None:
     top.set_title(f"Streaming Whisper tiny.en, {minutes:.0f} min (the 44.4 s clip x {repeats}), chunk 1 s, left 8 s")
     bottom.plot(x, [m["chunk_ms"] for m in per_minute], color="tab:orange")
     bottom.set_ylabel("wall per 1 s chunk (ms)\nmean over each minute")
-    bottom.set_xlabel("audio time (min)")
     bottom.set_ylim(bottom=0)
     bottom.grid(alpha=0.3)
+    others.fill_between(x, [m["others_cores"] for m in per_minute], color="tab:gray", alpha=0.5, step="pre")
+    others.set_ylabel("other processes\n(cores of 2)")
+    others.set_ylim(0, 2)
+    others.set_xlabel("audio time (min)")
+    others.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(OUT / "long_stream.png", dpi=110)
     console.print(f"wrote {OUT / 'long_stream.png'}")
